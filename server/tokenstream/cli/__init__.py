@@ -1,0 +1,1 @@
+"""The `tokenstream` command line: `serve`, and client commands for the terminal."""

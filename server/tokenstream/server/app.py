@@ -1,0 +1,118 @@
+"""Wiring: config -> storage -> engine -> servicers -> interceptors -> gRPC server.
+
+The interceptor order is decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tokenstream.server.config import ServerConfig
+from tokenstream.server.models import builtin_registry
+from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
+from tokenstream.server.streams import StreamEngine
+from tokenstream.server.transport import DomainErrorInterceptor, TokenStreamServicer
+from tokenstream.v1 import tokenstream_pb2 as pb
+from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenStreamService"].full_name
+
+
+class TokenStreamServer:
+    """A running tokenstream server: the gRPC server plus the engine and store behind it."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        grpc_server: grpc.aio.Server,
+        engine: StreamEngine,
+        repository: SqlStreamRepository,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+    ) -> None:
+        self.config = config
+        self.port = port
+        self.engine = engine
+        self._grpc = grpc_server
+        self._repository = repository
+        self._health = health_servicer
+        self._stopped: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self._grpc.start()
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("tokenstream serving on %s (database %s)", self.address, self.config.database_url)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop; calling it again waits for the first call to finish."""
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopped)
+
+    async def _stop(self, grace: float | None) -> None:
+        grace = self.config.shutdown_grace if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        # Ending generations first lets every subscriber receive its `end` during the grace.
+        await self.engine.stop()
+        await self._grpc.stop(grace)
+        await self._repository.close()
+        log.info("tokenstream stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._grpc.wait_for_termination()
+
+
+async def create_server(config: ServerConfig) -> tuple[TokenStreamServer, int]:
+    """Builds and binds the server (not started). Port 0 binds a free port."""
+    db = create_engine(config.database_url)
+    if config.migrate:
+        await upgrade_to_head(db)
+    repository = SqlStreamRepository(db)
+    engine = StreamEngine(
+        repository, builtin_registry(config.token_rate, config.default_model), config.engine
+    )
+
+    grpc_server = grpc.aio.server(interceptors=[DomainErrorInterceptor()])
+    pb_grpc.add_TokenStreamServiceServicer_to_server(TokenStreamServicer(engine), grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server
+    )
+    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    server = TokenStreamServer(config, grpc_server, engine, repository, health_servicer, port)
+    return server, port
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGINT or SIGTERM, then stops gracefully."""
+    server, _port = await create_server(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(server.wait_for_termination())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    await server.stop()
+    await waiter

@@ -1,0 +1,24 @@
+"""Server configuration: one flat set of settings, filled from the CLI or by tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenstream.server.streams.settings import EngineSettings
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///tokenstream.db"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (tests)
+    database_url: str = DEFAULT_DATABASE_URL
+    # Pace of the built-in token sources in tokens per second; 0 = as fast as possible.
+    token_rate: float = 50.0
+    default_model: str = "synthetic"
+    # Seconds running calls get to finish when the server stops.
+    shutdown_grace: float = 5.0
+    # Bring the schema up to date on start (Alembic).
+    migrate: bool = True
+    engine: EngineSettings = field(default_factory=EngineSettings)

@@ -1,0 +1,135 @@
+"""An in-memory repository with the same behaviour as the SQL one, for engine unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from tokenstream.server.domain import Ending, StreamRecord, StreamState, TokenRun, Turn, join_runs
+from tokenstream.server.storage.errors import AlreadyExists, NotFound
+from tokenstream.server.storage.repository import NewStream, WriteBatch
+
+
+@dataclass(slots=True)
+class _Stream:
+    record: StreamRecord
+    cursor: int
+    runs: list[TokenRun] = field(default_factory=list)
+    compacted: TokenRun | None = None
+
+
+class MemoryStreamRepository:
+    def __init__(self) -> None:
+        self._streams: dict[str, _Stream] = {}
+        self._conversations: set[str] = set()
+        self._request_ids: dict[str, str] = {}
+        self._next_cursor = 1
+        self.commits = 0  # visible to tests: how many group commits reached the store
+        # Tests set this to make the next commit fail once (a transient database error).
+        self.fail_next_commit: Exception | None = None
+
+    async def close(self) -> None:
+        pass
+
+    async def create_stream(self, new: NewStream) -> StreamRecord:
+        await asyncio.sleep(0)
+        if new.new_conversation:
+            if new.conversation_id in self._conversations:
+                raise AlreadyExists(new.conversation_id)
+        elif new.conversation_id not in self._conversations:
+            raise NotFound(new.conversation_id)
+        if new.stream_id in self._streams or (
+            new.request_id is not None and new.request_id in self._request_ids
+        ):
+            raise AlreadyExists(new.request_id or new.stream_id)
+        self._conversations.add(new.conversation_id)
+        record = StreamRecord(
+            stream_id=new.stream_id,
+            conversation_id=new.conversation_id,
+            prompt=new.prompt,
+            model=new.model,
+            max_tokens=new.max_tokens,
+            request_id=new.request_id,
+            request_hash=new.request_hash,
+            state=StreamState.RUNNING,
+            head_seq=-1,
+            created_at=new.created_at,
+        )
+        self._streams[new.stream_id] = _Stream(record, self._next_cursor)
+        self._next_cursor += 1
+        if new.request_id is not None:
+            self._request_ids[new.request_id] = new.stream_id
+        return record
+
+    async def get_stream(self, stream_id: str) -> StreamRecord:
+        await asyncio.sleep(0)
+        return self._get(stream_id).record
+
+    async def find_by_request_id(self, request_id: str) -> StreamRecord | None:
+        stream_id = self._request_ids.get(request_id)
+        return None if stream_id is None else self._streams[stream_id].record
+
+    async def conversation_exists(self, conversation_id: str) -> bool:
+        return conversation_id in self._conversations
+
+    async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
+        await asyncio.sleep(0)
+        if self.fail_next_commit is not None:
+            error, self.fail_next_commit = self.fail_next_commit, None
+            raise error
+        self.commits += 1
+        for stream_id, run in batch.runs:
+            stream = self._get(stream_id)
+            stream.runs.append(run)
+            stream.record = replace(stream.record, head_seq=run.end_seq)
+        ended = {}
+        for stream_id, ending in batch.endings:
+            if self._end(stream_id, ending, batch.at):
+                ended[stream_id] = self._streams[stream_id].record
+        return ended
+
+    async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
+        await asyncio.sleep(0)
+        stream = self._get(stream_id)
+        if stream.compacted is not None:
+            return [stream.compacted]
+        return [run for run in stream.runs if run.end_seq >= from_seq]
+
+    async def list_turns(self, conversation_id: str, after: int, limit: int) -> list[Turn]:
+        if conversation_id not in self._conversations:
+            raise NotFound(conversation_id)
+        chosen = sorted(
+            (s for s in self._streams.values() if s.record.conversation_id == conversation_id),
+            key=lambda s: s.cursor,
+        )
+        return [
+            Turn(s.record, (s.compacted or join_runs(s.runs)).text, s.cursor)
+            for s in chosen
+            if s.cursor > after
+        ][:limit]
+
+    async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
+        return [sid for sid in list(self._streams) if self._end(sid, ending, at)]
+
+    def _get(self, stream_id: str) -> _Stream:
+        try:
+            return self._streams[stream_id]
+        except KeyError:
+            raise NotFound(stream_id) from None
+
+    def _end(self, stream_id: str, ending: Ending, at: datetime) -> bool:
+        stream = self._get(stream_id)
+        if stream.record.state.is_terminal:
+            return False
+        full = join_runs(stream.runs)
+        stream.compacted, stream.runs = full, []
+        stream.record = replace(
+            stream.record,
+            state=ending.state,
+            reason=ending.reason,
+            error=ending.error,
+            finished_at=at,
+            head_seq=full.end_seq if full.ends else -1,
+        )
+        return True

@@ -1,0 +1,80 @@
+"""The storage interface the stream engine depends on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from tokenstream.server.domain import Ending, StreamRecord, TokenRun, Turn
+
+
+@dataclass(frozen=True, slots=True)
+class NewStream:
+    """A stream to create (and its conversation, when `new_conversation`)."""
+
+    stream_id: str
+    conversation_id: str
+    new_conversation: bool
+    prompt: str
+    model: str
+    max_tokens: int
+    request_id: str | None
+    request_hash: str | None
+    created_at: datetime
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Everything one group commit writes, in one transaction.
+
+    `runs` are appended first, then `endings` are applied; an ending compacts the stream's
+    runs into one row (full text plus token boundaries) and deletes them.
+    """
+
+    at: datetime
+    runs: list[tuple[str, TokenRun]] = field(default_factory=list)
+    endings: list[tuple[str, Ending]] = field(default_factory=list)
+
+
+class StreamRepository(Protocol):
+    async def create_stream(self, new: NewStream) -> StreamRecord:
+        """Creates the stream (and its conversation if new).
+
+        Raises NotFound when an existing conversation is named but missing, and AlreadyExists
+        when the request id is taken.
+        """
+        ...
+
+    async def get_stream(self, stream_id: str) -> StreamRecord:
+        """Raises NotFound."""
+        ...
+
+    async def find_by_request_id(self, request_id: str) -> StreamRecord | None: ...
+
+    async def conversation_exists(self, conversation_id: str) -> bool: ...
+
+    async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
+        """Writes the batch atomically; returns the records of the streams it ended.
+
+        An ending for a stream that is already terminal changes nothing and is not returned.
+        """
+        ...
+
+    async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
+        """Stored tokens from `from_seq` on, as consecutive runs.
+
+        Stops after the run that brings the text past `max_chars` (so at least one run is
+        returned when any token at or after `from_seq` is stored). A finished stream is one run.
+        """
+        ...
+
+    async def list_turns(self, conversation_id: str, after: int, limit: int) -> list[Turn]:
+        """Turns with cursor > `after`, oldest first. Raises NotFound for no conversation."""
+        ...
+
+    async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
+        """Ends every PENDING/RUNNING stream (crash recovery); returns their ids."""
+        ...
+
+    async def close(self) -> None: ...

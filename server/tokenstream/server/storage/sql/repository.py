@@ -1,0 +1,271 @@
+"""The repository on SQLAlchemy Core (async): one connection per call, never shared."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tokenstream.server.domain import (
+    ACTIVE_STATES,
+    Ending,
+    StreamRecord,
+    StreamState,
+    TokenRun,
+    Turn,
+    decode_ends,
+    join_runs,
+)
+from tokenstream.server.storage.errors import AlreadyExists, NotFound
+from tokenstream.server.storage.repository import NewStream, WriteBatch
+from tokenstream.server.storage.sql.schema import conversations, streams, token_runs
+
+_ACTIVE = [state.value for state in ACTIVE_STATES]
+_RECORD_COLUMNS = [
+    streams.c.id,
+    streams.c.stream_id,
+    streams.c.conversation_id,
+    streams.c.prompt,
+    streams.c.model,
+    streams.c.max_tokens,
+    streams.c.request_id,
+    streams.c.request_hash,
+    streams.c.state,
+    streams.c.final_seq,
+    streams.c.reason,
+    streams.c.error,
+    streams.c.created_at,
+    streams.c.finished_at,
+]
+
+
+class SqlStreamRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def create_stream(self, new: NewStream) -> StreamRecord:
+        try:
+            async with self._engine.begin() as conn:
+                if new.new_conversation:
+                    await conn.execute(
+                        insert(conversations).values(
+                            conversation_id=new.conversation_id, created_at=new.created_at
+                        )
+                    )
+                elif not await self._conversation_exists(conn, new.conversation_id):
+                    raise NotFound(new.conversation_id)
+                await conn.execute(
+                    insert(streams).values(
+                        stream_id=new.stream_id,
+                        conversation_id=new.conversation_id,
+                        request_id=new.request_id,
+                        request_hash=new.request_hash,
+                        prompt=new.prompt,
+                        model=new.model,
+                        max_tokens=new.max_tokens,
+                        state=StreamState.RUNNING.value,
+                        created_at=new.created_at,
+                    )
+                )
+        except IntegrityError as exc:
+            raise AlreadyExists(new.request_id or new.stream_id) from exc
+        return StreamRecord(
+            stream_id=new.stream_id,
+            conversation_id=new.conversation_id,
+            prompt=new.prompt,
+            model=new.model,
+            max_tokens=new.max_tokens,
+            request_id=new.request_id,
+            request_hash=new.request_hash,
+            state=StreamState.RUNNING,
+            head_seq=-1,
+            created_at=new.created_at,
+        )
+
+    async def get_stream(self, stream_id: str) -> StreamRecord:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(*_RECORD_COLUMNS).where(streams.c.stream_id == stream_id))
+            ).first()
+            if row is None:
+                raise NotFound(stream_id)
+            return await self._record(conn, row)
+
+    async def find_by_request_id(self, request_id: str) -> StreamRecord | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(*_RECORD_COLUMNS).where(streams.c.request_id == request_id)
+                )
+            ).first()
+            return None if row is None else await self._record(conn, row)
+
+    async def conversation_exists(self, conversation_id: str) -> bool:
+        async with self._engine.connect() as conn:
+            return await self._conversation_exists(conn, conversation_id)
+
+    async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
+        ended: dict[str, StreamRecord] = {}
+        async with self._engine.begin() as conn:
+            if batch.runs:
+                await conn.execute(
+                    insert(token_runs),
+                    [
+                        {
+                            "stream_id": stream_id,
+                            "start_seq": run.start_seq,
+                            "end_seq": run.end_seq,
+                            "text": run.text,
+                            "token_ends": run.encode_ends(),
+                        }
+                        for stream_id, run in batch.runs
+                    ],
+                )
+            for stream_id, ending in batch.endings:
+                record = await self._end_stream(conn, stream_id, ending, batch.at)
+                if record is not None:
+                    ended[stream_id] = record
+        return ended
+
+    async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(streams.c.state, streams.c.text, streams.c.token_ends).where(
+                        streams.c.stream_id == stream_id
+                    )
+                )
+            ).first()
+            if row is None:
+                raise NotFound(stream_id)
+            if row.text is not None:  # compacted: the whole response is one run
+                return [TokenRun(0, row.text, decode_ends(row.token_ends))]
+            result = await conn.stream(
+                select(token_runs.c.start_seq, token_runs.c.text, token_runs.c.token_ends)
+                .where(token_runs.c.stream_id == stream_id, token_runs.c.end_seq >= from_seq)
+                .order_by(token_runs.c.start_seq)
+            )
+            runs: list[TokenRun] = []
+            chars = 0
+            async for run_row in result:
+                run = TokenRun(run_row.start_seq, run_row.text, decode_ends(run_row.token_ends))
+                runs.append(run)
+                chars += len(run.text) - (run.offset_of(from_seq) if len(runs) == 1 else 0)
+                if chars >= max_chars:
+                    break
+            await result.close()
+            return runs
+
+    async def list_turns(self, conversation_id: str, after: int, limit: int) -> list[Turn]:
+        async with self._engine.connect() as conn:
+            if not await self._conversation_exists(conn, conversation_id):
+                raise NotFound(conversation_id)
+            rows = (
+                await conn.execute(
+                    select(*_RECORD_COLUMNS, streams.c.text)
+                    .where(streams.c.conversation_id == conversation_id, streams.c.id > after)
+                    .order_by(streams.c.id)
+                    .limit(limit)
+                )
+            ).all()
+            turns = []
+            for row in rows:
+                record = await self._record(conn, row)
+                if row.text is not None:  # compacted: one row, no token replay
+                    response = row.text
+                else:
+                    response = join_runs(await self._all_runs(conn, record.stream_id)).text
+                turns.append(Turn(record, response, row.id))
+            return turns
+
+    async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
+        async with self._engine.begin() as conn:
+            ids = (
+                await conn.scalars(select(streams.c.stream_id).where(streams.c.state.in_(_ACTIVE)))
+            ).all()
+            for stream_id in ids:
+                await self._end_stream(conn, stream_id, ending, at)
+            return list(ids)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    async def _conversation_exists(conn: AsyncConnection, conversation_id: str) -> bool:
+        found = await conn.scalar(
+            select(conversations.c.id).where(conversations.c.conversation_id == conversation_id)
+        )
+        return found is not None
+
+    @staticmethod
+    async def _all_runs(conn: AsyncConnection, stream_id: str) -> list[TokenRun]:
+        rows = await conn.execute(
+            select(token_runs.c.start_seq, token_runs.c.text, token_runs.c.token_ends)
+            .where(token_runs.c.stream_id == stream_id)
+            .order_by(token_runs.c.start_seq)
+        )
+        return [TokenRun(r.start_seq, r.text, decode_ends(r.token_ends)) for r in rows]
+
+    async def _end_stream(
+        self, conn: AsyncConnection, stream_id: str, ending: Ending, at: datetime
+    ) -> StreamRecord | None:
+        """Ends an active stream and compacts its runs into the stream row."""
+        claimed = await conn.execute(
+            update(streams)
+            .where(streams.c.stream_id == stream_id, streams.c.state.in_(_ACTIVE))
+            .values(
+                state=ending.state.value,
+                reason=ending.reason,
+                error=ending.error,
+                finished_at=at,
+            )
+        )
+        if claimed.rowcount != 1:
+            return None  # already ended by someone else: the first ending wins
+        full = join_runs(await self._all_runs(conn, stream_id))
+        await conn.execute(
+            update(streams)
+            .where(streams.c.stream_id == stream_id)
+            .values(
+                final_seq=full.end_seq if full.ends else -1,
+                text=full.text,
+                token_ends=full.encode_ends(),
+            )
+        )
+        await conn.execute(delete(token_runs).where(token_runs.c.stream_id == stream_id))
+        row = (
+            await conn.execute(select(*_RECORD_COLUMNS).where(streams.c.stream_id == stream_id))
+        ).one()
+        return await self._record(conn, row)
+
+    @staticmethod
+    async def _record(conn: AsyncConnection, row: Any) -> StreamRecord:
+        state = StreamState(row.state)
+        if state.is_terminal:
+            head = row.final_seq
+        else:
+            head = await conn.scalar(
+                select(func.max(token_runs.c.end_seq)).where(
+                    token_runs.c.stream_id == row.stream_id
+                )
+            )
+        return StreamRecord(
+            stream_id=row.stream_id,
+            conversation_id=row.conversation_id,
+            prompt=row.prompt,
+            model=row.model,
+            max_tokens=row.max_tokens,
+            request_id=row.request_id,
+            request_hash=row.request_hash,
+            state=state,
+            head_seq=-1 if head is None else int(head),
+            created_at=row.created_at,
+            finished_at=row.finished_at,
+            reason=row.reason,
+            error=row.error,
+        )

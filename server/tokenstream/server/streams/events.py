@@ -1,0 +1,30 @@
+"""What a subscription yields: chunks of tokens, heartbeats, and one end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from tokenstream.server.domain import Chunk, StreamRecord, StreamState
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    head_seq: int
+    state: StreamState
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    state: StreamState
+    final_seq: int
+    reason: str = ""
+    error: str = ""
+
+    @classmethod
+    def of(cls, record: StreamRecord) -> End:
+        return cls(record.state, record.head_seq, record.reason, record.error)
+
+
+StreamEvent = Chunk | Heartbeat | End

@@ -1,0 +1,28 @@
+"""Tunables of the stream engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    # A quiet subscription gets a heartbeat this often (seconds).
+    heartbeat_interval: float = 10.0
+    # Minimum spacing of group commits (seconds). A commit starts as soon as the previous one
+    # returned and this much time has passed, so batches grow with load, not latency.
+    flush_interval: float = 0.005
+    # Generators wait when this many tokens are waiting for a commit (the store is behind).
+    max_pending_tokens: int = 50_000
+    # Upper bound on the text of one chunk sent to a subscriber (characters).
+    max_chunk_chars: int = 256 * 1024
+    # Tokens generated when a request leaves max_tokens at 0, and the most it may ask for.
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 32_768
+    # Largest prompt accepted (UTF-8 bytes).
+    max_prompt_bytes: int = 64 * 1024
+    # How often a subscriber re-reads the store for a stream generated elsewhere (seconds).
+    store_poll_interval: float = 0.25
+    # History page size when the request leaves it at 0, and the largest allowed.
+    default_page_size: int = 50
+    max_page_size: int = 1000

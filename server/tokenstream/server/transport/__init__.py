@@ -1,0 +1,6 @@
+"""gRPC transport: servicers, interceptors, and proto <-> domain conversion."""
+
+from tokenstream.server.transport.servicer import TokenStreamServicer
+from tokenstream.server.transport.status import DomainErrorInterceptor
+
+__all__ = ["DomainErrorInterceptor", "TokenStreamServicer"]

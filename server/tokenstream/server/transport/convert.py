@@ -1,0 +1,74 @@
+"""Conversion between protobuf messages and domain values."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tokenstream.server.domain import Chunk, StreamRecord, StreamState, Turn
+from tokenstream.server.streams import End, Heartbeat, StreamEvent
+from tokenstream.v1 import tokenstream_pb2 as pb
+
+_STATES: dict[StreamState, pb.StreamState.ValueType] = {
+    StreamState.PENDING: pb.STREAM_STATE_PENDING,
+    StreamState.RUNNING: pb.STREAM_STATE_RUNNING,
+    StreamState.COMPLETED: pb.STREAM_STATE_COMPLETED,
+    StreamState.CANCELLED: pb.STREAM_STATE_CANCELLED,
+    StreamState.FAILED: pb.STREAM_STATE_FAILED,
+}
+
+
+def state_to_proto(state: StreamState) -> pb.StreamState.ValueType:
+    return _STATES[state]
+
+
+def timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def event_to_proto(event: StreamEvent) -> pb.SubscribeResponse:
+    if isinstance(event, Chunk):
+        return pb.SubscribeResponse(
+            chunk=pb.TokenChunk(start_seq=event.start_seq, end_seq=event.end_seq, text=event.text)
+        )
+    if isinstance(event, Heartbeat):
+        return pb.SubscribeResponse(
+            heartbeat=pb.Heartbeat(
+                head_seq=event.head_seq,
+                state=state_to_proto(event.state),
+                server_time=timestamp(event.at),
+            )
+        )
+    assert isinstance(event, End)
+    return pb.SubscribeResponse(
+        end=pb.StreamEnd(
+            state=state_to_proto(event.state),
+            final_seq=event.final_seq,
+            error=event.error,
+            reason=event.reason,
+        )
+    )
+
+
+def turn_to_proto(record: StreamRecord, response: str = "") -> pb.Turn:
+    turn = pb.Turn(
+        stream_id=record.stream_id,
+        prompt=record.prompt,
+        response=response,
+        state=state_to_proto(record.state),
+        created_at=timestamp(record.created_at),
+        model=record.model,
+        head_seq=record.head_seq,
+        reason=record.reason,
+        error=record.error,
+    )
+    if record.finished_at is not None:
+        turn.finished_at.CopyFrom(timestamp(record.finished_at))
+    return turn
+
+
+def history_turn_to_proto(turn: Turn) -> pb.Turn:
+    return turn_to_proto(turn.stream, turn.response)

@@ -1,0 +1,72 @@
+"""TokenStreamService: converts requests, calls the engine, converts answers. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from tokenstream.server.streams import StreamEngine, SubmitCommand
+from tokenstream.server.transport.convert import (
+    event_to_proto,
+    history_turn_to_proto,
+    state_to_proto,
+    turn_to_proto,
+)
+from tokenstream.v1 import tokenstream_pb2 as pb
+from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
+
+
+class TokenStreamServicer(pb_grpc.TokenStreamServiceServicer):
+    def __init__(self, engine: StreamEngine) -> None:
+        self._engine = engine
+
+    async def SubmitPrompt(
+        self, request: pb.SubmitPromptRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.SubmitPromptResponse:
+        submission = await self._engine.submit(
+            SubmitCommand(
+                prompt=request.prompt,
+                conversation_id=request.conversation_id,
+                request_id=request.request_id,
+                model=request.model,
+                max_tokens=request.max_tokens,
+            )
+        )
+        return pb.SubmitPromptResponse(
+            stream_id=submission.stream_id,
+            conversation_id=submission.conversation_id,
+            model=submission.model,
+        )
+
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        events = await self._engine.subscribe(request.stream_id, request.from_seq)
+        async for event in events:
+            yield event_to_proto(event)
+
+    async def Cancel(
+        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CancelResponse:
+        record = await self._engine.cancel(request.stream_id)
+        return pb.CancelResponse(state=state_to_proto(record.state), final_seq=record.head_seq)
+
+    async def GetHistory(
+        self, request: pb.GetHistoryRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetHistoryResponse:
+        page = await self._engine.history(
+            request.conversation_id, request.page_size, request.page_token
+        )
+        return pb.GetHistoryResponse(
+            turns=[history_turn_to_proto(turn) for turn in page.turns],
+            next_page_token=page.next_page_token,
+        )
+
+    async def GetStream(
+        self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetStreamResponse:
+        record = await self._engine.get_stream(request.stream_id)
+        return pb.GetStreamResponse(
+            stream=turn_to_proto(record), conversation_id=record.conversation_id
+        )

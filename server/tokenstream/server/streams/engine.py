@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -318,7 +318,7 @@ class StreamEngine:
             return HistoryPage(turns, encode_page_token(conversation_id, turns[-1].cursor))
         return HistoryPage(turns, "")
 
-    async def subscribe(self, stream_id: str, from_seq: int) -> AsyncIterator[StreamEvent]:
+    async def subscribe(self, stream_id: str, from_seq: int) -> AsyncGenerator[StreamEvent, None]:
         """Validates the request, then returns the subscription's events.
 
         Errors in the request raise here, before the first event.
@@ -343,7 +343,7 @@ class StreamEngine:
             )
         return self._follow(stream_id, from_seq)
 
-    async def _follow(self, stream_id: str, from_seq: int) -> AsyncIterator[StreamEvent]:
+    async def _follow(self, stream_id: str, from_seq: int) -> AsyncGenerator[StreamEvent, None]:
         loop = asyncio.get_running_loop()
         settings = self.settings
         seq = from_seq

@@ -1,0 +1,170 @@
+"""The SQL repository against a real SQLite file, schema created by the Alembic migrations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokenstream.server.domain import Ending, StreamState, TokenRun
+from tokenstream.server.storage.errors import AlreadyExists, NotFound
+from tokenstream.server.storage.repository import NewStream, WriteBatch
+from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
+from tokenstream.server.storage.sql.schema import metadata, streams, token_runs
+
+CONV = "conv_" + "c" * 26
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+def stream_id(n: int) -> str:
+    return "strm_" + "a" * 25 + "abcdefghij"[n]
+
+
+def new_stream(
+    n: int, *, new_conversation: bool = False, request_id: str | None = None
+) -> NewStream:
+    return NewStream(
+        stream_id=stream_id(n),
+        conversation_id=CONV,
+        new_conversation=new_conversation,
+        prompt=f"prompt {n}",
+        model="echo",
+        max_tokens=100,
+        request_id=request_id,
+        request_hash="h" if request_id else None,
+        created_at=NOW,
+    )
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    db = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    await upgrade_to_head(db)
+    yield db
+    await db.dispose()
+
+
+@pytest.fixture
+async def repo(engine: AsyncEngine) -> SqlStreamRepository:
+    repository = SqlStreamRepository(engine)
+    await repository.create_stream(new_stream(0, new_conversation=True))
+    return repository
+
+
+async def test_migrations_match_the_schema(engine: AsyncEngine) -> None:
+    def diff(connection: Connection) -> list[object]:
+        return list(compare_metadata(MigrationContext.configure(connection), metadata))
+
+    async with engine.connect() as conn:
+        assert await conn.run_sync(diff) == []
+
+
+async def test_upgrade_is_idempotent(engine: AsyncEngine) -> None:
+    await upgrade_to_head(engine)  # a second start on the same file changes nothing
+
+
+async def test_runs_are_read_back_from_any_seq(repo: SqlStreamRepository) -> None:
+    tokens = [f"<{i}>" for i in range(12)]
+    for start in range(0, 12, 4):
+        await repo.commit(
+            WriteBatch(
+                NOW, runs=[(stream_id(0), TokenRun.from_tokens(start, tokens[start : start + 4]))]
+            )
+        )
+    assert (await repo.get_stream(stream_id(0))).head_seq == 11
+    for k in range(13):
+        runs = await repo.read_runs(stream_id(0), k, 1_000_000)
+        text = "".join(c.text for run in runs for c in run.chunks(k, 1_000_000))
+        assert text == "".join(tokens[k:])
+
+
+async def test_read_runs_stops_near_max_chars(repo: SqlStreamRepository) -> None:
+    for start in range(0, 100, 10):
+        run = TokenRun.from_tokens(start, ["abcd"] * 10)
+        await repo.commit(WriteBatch(NOW, runs=[(stream_id(0), run)]))
+    runs = await repo.read_runs(stream_id(0), 0, 50)
+    assert [run.start_seq for run in runs] == [0, 10]
+
+
+async def test_ending_compacts_runs_into_one_row(
+    repo: SqlStreamRepository, engine: AsyncEngine
+) -> None:
+    tokens = ["a", "bb", "ccc", "dddd", "e"]
+    await repo.commit(WriteBatch(NOW, runs=[(stream_id(0), TokenRun.from_tokens(0, tokens[:2]))]))
+    ended = await repo.commit(
+        WriteBatch(
+            NOW,
+            runs=[(stream_id(0), TokenRun.from_tokens(2, tokens[2:]))],
+            endings=[(stream_id(0), Ending(StreamState.COMPLETED))],
+        )
+    )
+    record = ended[stream_id(0)]
+    assert (record.state, record.head_seq, record.finished_at) == (StreamState.COMPLETED, 4, NOW)
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(token_runs)) == 0
+        assert await conn.scalar(select(streams.c.text)) == "".join(tokens)
+    for k in range(6):  # slicing the compacted row gives exactly tokens k..
+        runs = await repo.read_runs(stream_id(0), k, 10)
+        assert len(runs) == 1
+        assert "".join(c.text for c in runs[0].chunks(k, 3)) == "".join(tokens[k:])
+    turns = await repo.list_turns(CONV, 0, 10)
+    assert [t.response for t in turns] == ["".join(tokens)]
+
+
+async def test_first_ending_wins(repo: SqlStreamRepository) -> None:
+    await repo.commit(WriteBatch(NOW, endings=[(stream_id(0), Ending(StreamState.CANCELLED))]))
+    late = await repo.commit(
+        WriteBatch(NOW, endings=[(stream_id(0), Ending(StreamState.COMPLETED))])
+    )
+    assert late == {}
+    record = await repo.get_stream(stream_id(0))
+    assert (record.state, record.head_seq) == (StreamState.CANCELLED, -1)
+
+
+async def test_request_id_is_unique(repo: SqlStreamRepository) -> None:
+    await repo.create_stream(new_stream(1, request_id="r1"))
+    with pytest.raises(AlreadyExists):
+        await repo.create_stream(new_stream(2, request_id="r1"))
+    found = await repo.find_by_request_id("r1")
+    assert found is not None
+    assert found.stream_id == stream_id(1)
+    with pytest.raises(NotFound):  # the failed insert left nothing behind
+        await repo.get_stream(stream_id(2))
+
+
+async def test_missing_things_raise_not_found(repo: SqlStreamRepository) -> None:
+    with pytest.raises(NotFound):
+        await repo.get_stream(stream_id(9))
+    with pytest.raises(NotFound):
+        await repo.list_turns("conv_" + "z" * 26, 0, 10)
+    with pytest.raises(NotFound):
+        await repo.create_stream(
+            NewStream(stream_id(3), "conv_" + "z" * 26, False, "p", "echo", 1, None, None, NOW)
+        )
+
+
+async def test_running_turns_show_their_durable_prefix(repo: SqlStreamRepository) -> None:
+    await repo.commit(WriteBatch(NOW, runs=[(stream_id(0), TokenRun.from_tokens(0, ["x", "y"]))]))
+    await repo.create_stream(new_stream(1))
+    turns = await repo.list_turns(CONV, 0, 10)
+    assert [(t.stream.prompt, t.response, t.stream.state) for t in turns] == [
+        ("prompt 0", "xy", StreamState.RUNNING),
+        ("prompt 1", "", StreamState.RUNNING),
+    ]
+    assert (await repo.list_turns(CONV, turns[0].cursor, 10))[0].stream.prompt == "prompt 1"
+
+
+async def test_end_active_streams_compacts_them(repo: SqlStreamRepository) -> None:
+    await repo.commit(WriteBatch(NOW, runs=[(stream_id(0), TokenRun.from_tokens(0, ["x", "y"]))]))
+    ended = await repo.end_active_streams(Ending(StreamState.FAILED, "interrupted", "gone"), NOW)
+    assert ended == [stream_id(0)]
+    record = await repo.get_stream(stream_id(0))
+    assert (record.state, record.reason, record.head_seq) == (StreamState.FAILED, "interrupted", 1)
+    assert await repo.end_active_streams(Ending(StreamState.FAILED), NOW) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,6 +107,7 @@ async def test_ending_compacts_runs_into_one_row(
         )
     )
     record = ended[stream_id(0)]
+    assert set(ended) == {stream_id(0)}
     assert (record.state, record.head_seq, record.finished_at) == (StreamState.COMPLETED, 4, NOW)
     async with engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(token_runs)) == 0
@@ -121,11 +123,45 @@ async def test_ending_compacts_runs_into_one_row(
 async def test_first_ending_wins(repo: SqlStreamRepository) -> None:
     await repo.commit(WriteBatch(NOW, endings=[(stream_id(0), Ending(StreamState.CANCELLED))]))
     late = await repo.commit(
-        WriteBatch(NOW, endings=[(stream_id(0), Ending(StreamState.COMPLETED))])
+        WriteBatch(
+            NOW,
+            runs=[(stream_id(0), TokenRun.from_tokens(0, ["late"]))],
+            endings=[(stream_id(0), Ending(StreamState.COMPLETED))],
+        )
     )
-    assert late == {}
+    # The batch reports the state the store holds; the late tokens were not stored.
+    assert (late[stream_id(0)].state, late[stream_id(0)].head_seq) == (StreamState.CANCELLED, -1)
     record = await repo.get_stream(stream_id(0))
     assert (record.state, record.head_seq) == (StreamState.CANCELLED, -1)
+    assert [list(run.ends) for run in await repo.read_runs(stream_id(0), 0, 100)] == [[]]
+
+
+async def test_active_streams_are_absent_from_the_commit_result(
+    repo: SqlStreamRepository,
+) -> None:
+    result = await repo.commit(
+        WriteBatch(NOW, runs=[(stream_id(0), TokenRun.from_tokens(0, ["a"]))])
+    )
+    assert result == {}
+
+
+async def test_reads_see_one_snapshot_while_a_stream_is_compacted(
+    repo: SqlStreamRepository,
+) -> None:
+    """History never shows a running turn without its tokens, however commits interleave."""
+    tokens = [f"{i} " for i in range(400)]
+
+    async def write() -> None:
+        for start in range(0, 400, 4):
+            run = TokenRun.from_tokens(start, tokens[start : start + 4])
+            await repo.commit(WriteBatch(NOW, runs=[(stream_id(0), run)]))
+        await repo.commit(WriteBatch(NOW, endings=[(stream_id(0), Ending(StreamState.COMPLETED))]))
+
+    writer = asyncio.create_task(write())
+    while not writer.done():
+        (turn,) = await repo.list_turns(CONV, 0, 10)
+        assert turn.response == "".join(tokens[: turn.stream.head_seq + 1])
+    await writer
 
 
 async def test_request_id_is_unique(repo: SqlStreamRepository) -> None:

@@ -16,7 +16,12 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenstream.server.config import ServerConfig
 from tokenstream.server.models import builtin_registry
-from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
+from tokenstream.server.storage.sql import (
+    SqlStreamRepository,
+    create_engine,
+    is_sqlite,
+    upgrade_to_head,
+)
 from tokenstream.server.streams import StreamEngine
 from tokenstream.server.transport import DomainErrorInterceptor, TokenStreamServicer
 from tokenstream.v1 import tokenstream_pb2 as pb
@@ -53,7 +58,12 @@ class TokenStreamServer:
 
     async def start(self) -> None:
         await self.engine.start()
-        await self._grpc.start()
+        try:
+            await self._grpc.start()
+        except BaseException:
+            await self.engine.stop()
+            await self._repository.close()
+            raise
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("tokenstream serving on %s (database %s)", self.address, self.config.database_url)
@@ -66,11 +76,15 @@ class TokenStreamServer:
 
     async def _stop(self, grace: float | None) -> None:
         grace = self.config.shutdown_grace if grace is None else grace
-        await self._health.enter_graceful_shutdown()
-        # Ending generations first lets every subscriber receive its `end` during the grace.
-        await self.engine.stop()
-        await self._grpc.stop(grace)
-        await self._repository.close()
+        try:
+            await self._health.enter_graceful_shutdown()
+            # Ending generations first lets every subscriber receive its `end` in the grace.
+            await self.engine.stop(give_up_after=grace)
+        finally:
+            try:
+                await self._grpc.stop(grace)
+            finally:
+                await self._repository.close()
         log.info("tokenstream stopped")
 
     async def wait_for_termination(self) -> None:
@@ -84,7 +98,12 @@ async def create_server(config: ServerConfig) -> tuple[TokenStreamServer, int]:
         await upgrade_to_head(db)
     repository = SqlStreamRepository(db)
     engine = StreamEngine(
-        repository, builtin_registry(config.token_rate, config.default_model), config.engine
+        repository,
+        builtin_registry(config.token_rate, config.default_model),
+        config.engine,
+        # One process owns an embedded SQLite file; on a shared server database, other
+        # replicas may be generating the streams this one finds active.
+        sole_writer=is_sqlite(config.database_url),
     )
 
     grpc_server = grpc.aio.server(interceptors=[DomainErrorInterceptor()])

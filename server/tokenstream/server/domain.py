@@ -9,6 +9,7 @@ from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import pairwise
 
 
 class StreamState(enum.Enum):
@@ -112,6 +113,9 @@ def join_runs(runs: Sequence[TokenRun]) -> TokenRun:
         return TokenRun(0, "", array("I"))
     ends = array("I")
     offset = 0
+    for previous, run in pairwise(runs):
+        if run.start_seq != previous.end_seq + 1:
+            raise ValueError(f"runs are not consecutive: {previous.end_seq} then {run.start_seq}")
     for run in runs:
         ends.extend(offset + end for end in run.ends)
         offset += len(run.text)

@@ -11,3 +11,7 @@ class NotFound(StorageError):
 
 class AlreadyExists(StorageError):
     """A unique key (stream id, conversation id or request id) is already taken."""
+
+
+class StorageUnavailable(StorageError):
+    """The database could not be reached or was busy; the same call may succeed later."""

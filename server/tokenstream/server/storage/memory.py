@@ -78,23 +78,38 @@ class MemoryStreamRepository:
         if self.fail_next_commit is not None:
             error, self.fail_next_commit = self.fail_next_commit, None
             raise error
+        touched = [stream_id for stream_id, _ in batch.runs]
+        touched += [stream_id for stream_id, _ in batch.endings]
+        for stream_id in touched:  # all or nothing, like a transaction
+            self._get(stream_id)
+        active = {sid for sid in touched if not self._streams[sid].record.state.is_terminal}
         self.commits += 1
         for stream_id, run in batch.runs:
-            stream = self._get(stream_id)
-            stream.runs.append(run)
-            stream.record = replace(stream.record, head_seq=run.end_seq)
-        ended = {}
+            if stream_id in active:
+                stream = self._streams[stream_id]
+                if run.start_seq != stream.record.head_seq + 1:
+                    raise ValueError(
+                        f"run {run.start_seq} does not follow {stream.record.head_seq}"
+                    )
+                stream.runs.append(run)
+                stream.record = replace(stream.record, head_seq=run.end_seq)
         for stream_id, ending in batch.endings:
-            if self._end(stream_id, ending, batch.at):
-                ended[stream_id] = self._streams[stream_id].record
-        return ended
+            if stream_id in active:
+                self._end(stream_id, ending, batch.at)
+                active.discard(stream_id)
+        return {sid: self._streams[sid].record for sid in touched if sid not in active}
 
     async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
         await asyncio.sleep(0)
         stream = self._get(stream_id)
         if stream.compacted is not None:
             return [stream.compacted]
-        return [run for run in stream.runs if run.end_seq >= from_seq]
+        runs, chars = [], 0
+        for run in stream.runs:
+            if run.end_seq >= from_seq and chars < max_chars:
+                runs.append(run)
+                chars += len(run.text)
+        return runs
 
     async def list_turns(self, conversation_id: str, after: int, limit: int) -> list[Turn]:
         if conversation_id not in self._conversations:

@@ -55,9 +55,12 @@ class StreamRepository(Protocol):
     async def conversation_exists(self, conversation_id: str) -> bool: ...
 
     async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
-        """Writes the batch atomically; returns the records of the streams it ended.
+        """Writes the batch atomically; returns the record of every stream of the batch that
+        is terminal afterwards.
 
-        An ending for a stream that is already terminal changes nothing and is not returned.
+        Runs for a stream that has already ended are not stored (its record says where its
+        tokens stop), and an ending for such a stream changes nothing: the first ending wins.
+        Streams absent from the result are still active and all their runs are stored.
         """
         ...
 

@@ -11,9 +11,10 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from tokenstream.server import ids
 from tokenstream.server.domain import Ending, EndReason, StreamRecord, StreamState, Turn
@@ -34,6 +35,8 @@ from tokenstream.server.streams.settings import EngineSettings
 from tokenstream.server.streams.writer import BatchWriter
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +72,12 @@ class StreamEngine:
         repository: StreamRepository,
         models: ModelRegistry,
         settings: EngineSettings | None = None,
+        *,
+        sole_writer: bool = True,
     ) -> None:
+        # sole_writer: no other process generates into this store (the embedded SQLite case),
+        # so streams found active at start were orphaned by a crash.
+        self._sole_writer = sole_writer
         self._repository = repository
         self._models = models
         self.settings = settings or EngineSettings()
@@ -85,44 +93,40 @@ class StreamEngine:
     async def start(self) -> list[str]:
         """Recovers from an earlier crash and starts the writer; returns the streams it ended.
 
-        Streams left PENDING/RUNNING in the store had their generator in a process that is
-        gone (one process owns an embedded database), so they end FAILED `interrupted` at
-        their last durable token instead of staying RUNNING forever.
+        With a sole writer, streams left PENDING/RUNNING in the store had their generator in
+        a process that is gone, so they end FAILED `interrupted` at their last durable token
+        instead of staying RUNNING forever.
         """
-        interrupted = await self._repository.end_active_streams(
-            Ending(
-                StreamState.FAILED,
-                EndReason.INTERRUPTED,
-                "the server stopped while this stream was generating; "
-                "the tokens stored before that are kept",
-            ),
-            _now(),
-        )
+        interrupted: list[str] = []
+        if self._sole_writer:
+            interrupted = await self._repository.end_active_streams(
+                Ending(
+                    StreamState.FAILED,
+                    EndReason.INTERRUPTED,
+                    "the server stopped while this stream was generating; "
+                    "the tokens stored before that are kept",
+                ),
+                _now(),
+            )
         if interrupted:
             log.warning("ended %d interrupted stream(s) from an earlier run", len(interrupted))
         self._writer.start()
         self._accepting = True
         return interrupted
 
-    async def stop(self) -> None:
+    async def stop(self, give_up_after: float = 5.0) -> None:
         """Ends running generations FAILED `shutdown`, writes everything pending, stops.
 
-        Safe to call more than once.
+        If the store stays unreachable, pending writes are abandoned after `give_up_after`
+        seconds so that shutdown always finishes. Safe to call more than once.
         """
         self._accepting = False
-        for live in list(self._live.values()):
-            self._request_stop(
-                live,
-                Ending(
-                    StreamState.FAILED,
-                    EndReason.SHUTDOWN,
-                    "the server shut down while this stream was generating; "
-                    "the tokens stored before that are kept",
-                ),
-            )
-        if self._tasks:
+        self._writer.begin_stop(give_up_after)
+        while self._tasks:
+            for live in list(self._live.values()):
+                self._request_stop(live, _SHUTDOWN)
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._writer.stop()
+        await self._writer.stop(give_up_after)
 
     # -- submit --------------------------------------------------------------------------
 
@@ -156,15 +160,11 @@ class StreamEngine:
             ids.check_request_id(command.request_id)
         model, source = self._models.resolve(command.model)
         if not self._accepting:
-            raise Unavailable(
-                "the server is shutting down and accepts no new prompts; retry on another "
-                "server or after the restart",
-                reason="SHUTTING_DOWN",
-            )
+            raise _shutting_down()
 
         request_hash = _fingerprint(command) if command.request_id else None
         if command.request_id:
-            earlier = await self._repository.find_by_request_id(command.request_id)
+            earlier = await self._store(self._repository.find_by_request_id(command.request_id))
             if earlier is not None:
                 return _replay(earlier, request_hash, command.request_id)
 
@@ -180,7 +180,7 @@ class StreamEngine:
             created_at=_now(),
         )
         try:
-            record = await self._repository.create_stream(new)
+            record = await self._store(self._repository.create_stream(new))
         except storage_errors.NotFound as exc:
             raise NotFound(
                 f"conversation {command.conversation_id} does not exist; leave "
@@ -191,7 +191,7 @@ class StreamEngine:
         except storage_errors.AlreadyExists:
             # A concurrent call with the same request_id won the race: answer as it did.
             earlier = (
-                await self._repository.find_by_request_id(command.request_id)
+                await self._store(self._repository.find_by_request_id(command.request_id))
                 if command.request_id
                 else None
             )
@@ -199,6 +199,14 @@ class StreamEngine:
                 raise
             return _replay(earlier, request_hash, command.request_id)
 
+        if not self._accepting:
+            # Shutdown began while the stream was being created: nobody will generate it.
+            await self._store(
+                self._repository.commit(
+                    WriteBatch(at=_now(), endings=[(record.stream_id, _SHUTDOWN)])
+                )
+            )
+            raise _shutting_down()
         self._start_generation(record, source)
         return Submission(record.stream_id, record.conversation_id, model, created=True)
 
@@ -221,50 +229,63 @@ class StreamEngine:
     async def _generate(
         self, live: LiveStream, source: TokenSource, request: GenerationRequest
     ) -> None:
-        ending = Ending(StreamState.COMPLETED)
         try:
-            produced = 0
-            tokens = source.generate(request)
-            try:
-                async for token in tokens:
-                    # Checked before every write: a cancelled stream gets no further token.
-                    if live.stop_requested is not None or produced >= request.max_tokens:
+            ending = await self._produce(live, source, request)
+        except asyncio.CancelledError:
+            # Cancelled from outside (event loop shutdown): still record how the stream ends.
+            self._writer.queue_end(live, live.stop_requested or _SHUTDOWN)
+            self._live.pop(live.stream_id, None)
+            raise
+        try:
+            await self._writer.end(live, live.stop_requested or ending)
+        finally:
+            self._live.pop(live.stream_id, None)
+
+    async def _produce(
+        self, live: LiveStream, source: TokenSource, request: GenerationRequest
+    ) -> Ending:
+        """Feeds the source's tokens to the writer; returns how generation ended by itself."""
+        if live.stop_requested is not None:  # stopped before it started
+            return live.stop_requested
+        live.producing = True
+        produced = 0
+        tokens = source.generate(request)
+        try:
+            async for token in tokens:
+                # Checked before every write: a cancelled stream gets no further token.
+                if live.stop_requested is not None:
+                    break
+                if not token:
+                    continue
+                _check_token(token)
+                if not self._writer.has_room:
+                    await self._writer.wait_for_room()
+                    if live.stop_requested is not None:
                         break
-                    if not token:
-                        continue
-                    if not self._writer.has_room:
-                        await self._writer.wait_for_room()
-                        if live.stop_requested is not None:
-                            break
-                    self._writer.append(live, token)
-                    produced += 1
-            finally:
+                self._writer.append(live, token)
+                produced += 1
+                if produced >= request.max_tokens:
+                    break
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if live.stop_requested is not None and current is not None:
+                # We cancelled ourselves to interrupt a source that was waiting for a token.
+                current.uncancel()
+            elif current is not None and current.cancelling():
+                raise
+            else:
+                return _model_failed("it raised CancelledError on its own")
+        except Exception as exc:
+            log.warning("model failed on stream %s: %r", live.stream_id, exc)
+            return _model_failed(str(exc) or type(exc).__name__)
+        finally:
+            live.producing = False
+            with contextlib.suppress(Exception):
                 # Lets the source release what it holds (e.g. an HTTP stream to a model).
                 close = getattr(tokens, "aclose", None)
                 if close is not None:
                     await close()
-        except asyncio.CancelledError:
-            if live.stop_requested is None:
-                raise
-            # We cancelled ourselves to interrupt a source that was waiting for a token.
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-        except Exception as exc:
-            log.warning("model failed on stream %s: %r", live.stream_id, exc)
-            ending = Ending(
-                StreamState.FAILED,
-                EndReason.MODEL_ERROR,
-                f"the model failed: {exc}; the tokens produced before that are kept",
-            )
-        finally:
-            live.producing = False
-        if live.stop_requested is not None:
-            ending = live.stop_requested
-        try:
-            await self._writer.end(live, ending)
-        finally:
-            self._live.pop(live.stream_id, None)
+        return live.stop_requested or Ending(StreamState.COMPLETED)
 
     @staticmethod
     def _request_stop(live: LiveStream, ending: Ending) -> None:
@@ -283,13 +304,19 @@ class StreamEngine:
             self._request_stop(live, Ending(StreamState.CANCELLED))
             return await live.wait_ended()
         record = await self._get_record(stream_id)
+        live = self._live.get(stream_id)  # it may have started while we read
+        if live is not None:
+            self._request_stop(live, Ending(StreamState.CANCELLED))
+            return await live.wait_ended()
         if record.state.is_terminal:
             return record
         # Active in the store but generated by no task here: end it in the store directly.
-        ended = await self._repository.commit(
-            WriteBatch(at=_now(), endings=[(stream_id, Ending(StreamState.CANCELLED))])
+        terminal = await self._store(
+            self._repository.commit(
+                WriteBatch(at=_now(), endings=[(stream_id, Ending(StreamState.CANCELLED))])
+            )
         )
-        return ended.get(stream_id) or await self._get_record(stream_id)
+        return terminal.get(stream_id) or await self._get_record(stream_id)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -310,7 +337,9 @@ class StreamEngine:
         limit = page_size or settings.default_page_size
         after = decode_page_token(page_token, conversation_id)
         try:
-            turns = await self._repository.list_turns(conversation_id, after, limit + 1)
+            turns = await self._store(
+                self._repository.list_turns(conversation_id, after, limit + 1)
+            )
         except storage_errors.NotFound as exc:
             raise _conversation_not_found(conversation_id) from exc
         if len(turns) > limit:
@@ -357,7 +386,9 @@ class StreamEngine:
             # Not generated here: finished, or generated by a process we only see via the store.
             record = await self._get_record(stream_id)
             if record.state.is_terminal or seq <= record.head_seq:
-                runs = await self._repository.read_runs(stream_id, seq, settings.max_chunk_chars)
+                runs = await self._store(
+                    self._repository.read_runs(stream_id, seq, settings.max_chunk_chars)
+                )
                 for run in runs:
                     for chunk in run.chunks(seq, settings.max_chunk_chars):
                         if chunk.end_seq > record.head_seq and not record.state.is_terminal:
@@ -400,15 +431,65 @@ class StreamEngine:
                 async with asyncio.timeout(quiet_for):
                     await changed.wait()
 
+    @staticmethod
+    async def _store(call: Awaitable[T]) -> T:
+        """Awaits a repository call; an outage becomes UNAVAILABLE, which clients retry."""
+        try:
+            return await call
+        except storage_errors.StorageUnavailable as exc:
+            raise Unavailable(
+                "the database is unavailable right now; retry shortly",
+                reason="STORAGE_UNAVAILABLE",
+            ) from exc
+
     async def _get_record(self, stream_id: str) -> StreamRecord:
         try:
-            return await self._repository.get_stream(stream_id)
+            return await self._store(self._repository.get_stream(stream_id))
         except storage_errors.NotFound as exc:
             raise NotFound(
                 f"stream {stream_id} does not exist; stream ids come from SubmitPrompt",
                 reason="STREAM_NOT_FOUND",
                 field="stream_id",
             ) from exc
+
+
+_SHUTDOWN = Ending(
+    StreamState.FAILED,
+    EndReason.SHUTDOWN,
+    "the server shut down while this stream was generating; the tokens stored before that are kept",
+)
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable(
+        "the server is shutting down and accepts no new prompts; retry on another server "
+        "or after the restart",
+        reason="SHUTTING_DOWN",
+    )
+
+
+def _model_failed(detail: str) -> Ending:
+    return Ending(
+        StreamState.FAILED,
+        EndReason.MODEL_ERROR,
+        f"the model failed: {detail}; the tokens produced before that are kept",
+    )
+
+
+class _UnstorableToken(Exception):
+    pass
+
+
+def _check_token(token: object) -> None:
+    """Refuses model output no store can hold, before it can poison a group commit."""
+    if not isinstance(token, str):
+        raise _UnstorableToken(f"it produced a {type(token).__name__}, not text")
+    if "\x00" in token:
+        raise _UnstorableToken("it produced a NUL character")
+    try:
+        token.encode()
+    except UnicodeEncodeError as exc:
+        raise _UnstorableToken("it produced text that is not valid Unicode") from exc
 
 
 def _conversation_not_found(conversation_id: str) -> NotFound:

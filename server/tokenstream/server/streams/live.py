@@ -19,7 +19,6 @@ class LiveStream:
         "_changed",
         "_ended",
         "final",
-        "next_seq",
         "producing",
         "record",
         "stop_requested",
@@ -30,11 +29,11 @@ class LiveStream:
     def __init__(self, record: StreamRecord) -> None:
         self.record = record
         self.tokens: list[str] = []  # durable tokens; the index is the seq
-        self.next_seq = 0  # the seq the next generated token gets (pending ones included)
         self.final: StreamRecord | None = None  # set once the ending is committed
         # Why generation must stop early (cancel, shutdown); checked before every write.
         self.stop_requested: Ending | None = None
-        self.producing = True  # the generation task is still reading its token source
+        # True while the generation task reads its token source (and may be interrupted).
+        self.producing = False
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._ended = asyncio.Event()

@@ -3,20 +3,29 @@
 A commit per token caps a server near a thousand tokens per second; one transaction for
 everything buffered costs about the same and carries all of it. Tokens reach subscribers
 only after their commit returns (durable before delivered).
+
+When a commit fails the writer cannot know whether it landed (the acknowledgement may be
+what was lost), so before retrying it reads back where each stream stands and keeps only
+what is not stored yet. A batch that keeps failing for a reason other than an outage is
+split per stream, and a stream the store refuses ends FAILED `storage_error`, so one bad
+stream cannot stall the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from tokenstream.server.domain import Ending, StreamRecord, TokenRun
+from tokenstream.server.domain import Ending, StreamRecord, StreamState, TokenRun
+from tokenstream.server.storage.errors import StorageUnavailable
 from tokenstream.server.storage.repository import StreamRepository, WriteBatch
 from tokenstream.server.streams.live import LiveStream
 
 log = logging.getLogger(__name__)
+
+STORAGE_ERROR = "storage_error"
 
 
 @dataclass(slots=True)
@@ -25,8 +34,13 @@ class _Pending:
     ending: Ending | None = None
 
 
+Batch = dict[LiveStream, _Pending]
+
+
 class BatchWriter:
-    _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+    _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+    # Failures of one batch, not explained by an outage, before it is split per stream.
+    _SPLIT_AFTER = 3
 
     def __init__(
         self, repository: StreamRepository, flush_interval: float, max_pending_tokens: int
@@ -34,20 +48,28 @@ class BatchWriter:
         self._repository = repository
         self._flush_interval = flush_interval
         self._max_pending = max_pending_tokens
-        self._pending: dict[LiveStream, _Pending] = {}
+        self._pending: Batch = {}
         self._pending_tokens = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self._stopping = False
+        self._deadline: float | None = None  # set when stopping: give up retrying after it
+        self._closing = False  # exit once nothing is pending
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tokenstream-batch-writer")
 
-    async def stop(self) -> None:
-        """Writes everything still pending, then ends the writer task."""
-        self._stopping = True
+    def begin_stop(self, give_up_after: float) -> None:
+        """From now on, retry failed commits for at most `give_up_after` seconds more."""
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().time() + give_up_after
+            self._wake.set()
+
+    async def stop(self, give_up_after: float = 5.0) -> None:
+        """Writes everything still pending (or gives up after `give_up_after` s), then ends."""
+        self.begin_stop(give_up_after)
+        self._closing = True
         self._wake.set()
         if self._task is not None:
             await self._task
@@ -62,23 +84,34 @@ class BatchWriter:
             await self._room.wait()
 
     def append(self, live: LiveStream, token: str) -> None:
-        """Queues one token of `live` for the next commit (its seq is `live.next_seq`)."""
-        pending = self._pending.get(live)
-        if pending is None:
-            pending = self._pending[live] = _Pending()
-        pending.tokens.append(token)
-        live.next_seq += 1
+        """Queues one token of `live` for the next commit."""
+        self._entry(live).tokens.append(token)
         self._pending_tokens += 1
         self._wake.set()
 
+    def queue_end(self, live: LiveStream, ending: Ending) -> None:
+        """Queues the stream's ending after its pending tokens."""
+        if live.final is None:
+            self._entry(live).ending = ending
+            self._wake.set()
+
     async def end(self, live: LiveStream, ending: Ending) -> StreamRecord:
-        """Queues the stream's ending after its pending tokens; returns once it is committed."""
+        """Queues the ending and returns the stream's final record once it is committed."""
+        self.queue_end(live, ending)
+        return await live.wait_ended()
+
+    def _entry(self, live: LiveStream) -> _Pending:
         pending = self._pending.get(live)
         if pending is None:
             pending = self._pending[live] = _Pending()
-        pending.ending = ending
-        self._wake.set()
-        return await live.wait_ended()
+        return pending
+
+    @property
+    def _stopping(self) -> bool:
+        return self._deadline is not None
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and asyncio.get_running_loop().time() > self._deadline
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -86,10 +119,10 @@ class BatchWriter:
         failures = 0
         while True:
             if not self._pending:
-                if self._stopping:
+                if self._closing:
                     return
-                await self._wake.wait()
                 self._wake.clear()
+                await self._wake.wait()
                 continue
             wait = last_start + self._flush_interval - loop.time()
             if wait > 0 and not self._stopping:
@@ -97,23 +130,35 @@ class BatchWriter:
             last_start = loop.time()
             batch, self._pending = self._pending, {}
             try:
-                ended = await self._commit(batch)
-            except Exception:
-                failures += 1
-                if self._stopping and failures > len(self._RETRY_BACKOFF):
-                    log.error("giving up on %d pending streams at shutdown", len(batch))
-                    raise
-                delay = self._RETRY_BACKOFF[min(failures, len(self._RETRY_BACKOFF)) - 1]
-                log.exception(
-                    "group commit failed (attempt %d); retrying in %.2fs", failures, delay
-                )
-                self._requeue(batch)
-                await asyncio.sleep(delay)
+                self._apply(batch, await self._repository.commit(self._write_batch(batch)))
+                failures = 0
                 continue
-            failures = 0
-            self._publish(batch, ended)
+            except Exception as exc:
+                failures += 1
+                outage = isinstance(exc, StorageUnavailable)
+                delay = self._BACKOFF[min(failures, len(self._BACKOFF)) - 1]
+                log.warning(
+                    "group commit of %d stream(s) failed (attempt %d, %s); retrying in %.2fs",
+                    len(batch),
+                    failures,
+                    "outage" if outage else repr(exc),
+                    delay,
+                    exc_info=not outage,
+                )
+            if self._past_deadline():
+                self._abandon(batch)
+                continue
+            await asyncio.sleep(delay)
+            try:
+                batch = await self._reconcile(batch)
+                if failures >= self._SPLIT_AFTER and not outage:
+                    batch = await self._commit_one_by_one(batch)
+                    failures = 0
+            except Exception:
+                log.warning("could not read back the failed batch; retrying it", exc_info=True)
+            self._requeue(batch)
 
-    async def _commit(self, batch: dict[LiveStream, _Pending]) -> dict[str, StreamRecord]:
+    def _write_batch(self, batch: Batch) -> WriteBatch:
         write = WriteBatch(at=datetime.now(UTC))
         for live, pending in batch.items():
             if pending.tokens:
@@ -121,25 +166,102 @@ class BatchWriter:
                 write.runs.append((live.stream_id, TokenRun.from_tokens(start, pending.tokens)))
             if pending.ending is not None:
                 write.endings.append((live.stream_id, pending.ending))
-        ended = await self._repository.commit(write)
-        # An ending that lost a race (the stream was already ended elsewhere) reports the
-        # state the store holds.
-        for stream_id, _ending in write.endings:
-            if stream_id not in ended:
-                ended[stream_id] = await self._repository.get_stream(stream_id)
-        return ended
+        return write
 
-    def _publish(self, batch: dict[LiveStream, _Pending], ended: dict[str, StreamRecord]) -> None:
+    def _apply(self, batch: Batch, terminal: dict[str, StreamRecord]) -> None:
+        """Publishes what the commit made durable; ends the streams that are terminal."""
         for live, pending in batch.items():
-            if pending.tokens:
-                self._pending_tokens -= len(pending.tokens)
-                live.publish(pending.tokens)
-            if pending.ending is not None:
-                live.publish_end(ended[live.stream_id])
+            record = terminal.get(live.stream_id)
+            if record is None:
+                self._publish_tokens(live, pending.tokens)
+                continue
+            # Tokens up to the stored head are durable; later ones were refused because the
+            # stream had already ended (e.g. cancelled through the store by another process).
+            durable = max(record.head_seq - live.head_seq, 0)
+            self._publish_tokens(live, pending.tokens[:durable])
+            self._pending_tokens -= len(pending.tokens) - durable
+            self._finish(live, record)
         if self.has_room:
             self._room.set()
 
-    def _requeue(self, batch: dict[LiveStream, _Pending]) -> None:
+    def _publish_tokens(self, live: LiveStream, tokens: list[str]) -> None:
+        if tokens:
+            self._pending_tokens -= len(tokens)
+            live.publish(tokens)
+
+    @staticmethod
+    def _finish(live: LiveStream, record: StreamRecord) -> None:
+        if live.final is None:
+            if live.stop_requested is None:  # its generator must stop writing too
+                live.stop_requested = Ending(record.state, record.reason, record.error)
+            live.publish_end(record)
+
+    async def _reconcile(self, batch: Batch) -> Batch:
+        """Keeps only what the failed commit did not store (it may have landed after all)."""
+        remaining: Batch = {}
+        for live, pending in batch.items():
+            record = await self._repository.get_stream(live.stream_id)
+            stored = max(record.head_seq - live.head_seq, 0)
+            if stored:
+                self._publish_tokens(live, pending.tokens[:stored])
+                pending.tokens = pending.tokens[stored:]
+            if record.state.is_terminal:
+                self._pending_tokens -= len(pending.tokens)
+                self._finish(live, record)
+            elif pending.tokens or pending.ending is not None:
+                remaining[live] = pending
+        return remaining
+
+    async def _commit_one_by_one(self, batch: Batch) -> Batch:
+        """Commits each stream alone; a stream the store refuses ends FAILED."""
+        remaining: Batch = {}
+        for live, pending in batch.items():
+            single = {live: pending}
+            try:
+                self._apply(single, await self._repository.commit(self._write_batch(single)))
+            except StorageUnavailable:
+                remaining[live] = pending
+            except Exception as exc:
+                log.error("the store refuses stream %s; ending it", live.stream_id, exc_info=True)
+                self._pending_tokens -= len(pending.tokens)
+                ending = Ending(
+                    StreamState.FAILED,
+                    STORAGE_ERROR,
+                    f"the store refused this stream's tokens ({type(exc).__name__}); "
+                    "the tokens stored before that are kept",
+                )
+                live.stop_requested = live.stop_requested or ending
+                remaining[live] = _Pending(ending=ending)
+        return remaining
+
+    def _abandon(self, batch: Batch) -> None:
+        """At shutdown past the deadline: stop waiting for the store, release every waiter."""
+        everything = dict(batch)
+        for live, pending in self._pending.items():
+            everything.setdefault(live, _Pending()).tokens.extend(pending.tokens)
+        self._pending = {}
+        lost = sum(len(p.tokens) for p in everything.values())
+        log.error(
+            "giving up: %d token(s) of %d stream(s) could not be stored before shutdown",
+            lost,
+            len(everything),
+        )
+        for live, pending in everything.items():
+            self._pending_tokens -= len(pending.tokens)
+            ending = pending.ending or live.stop_requested or Ending(StreamState.FAILED)
+            self._finish(
+                live,
+                replace(
+                    live.record,
+                    state=ending.state,
+                    reason=ending.reason,
+                    error=ending.error,
+                    head_seq=live.head_seq,
+                ),
+            )
+        self._room.set()
+
+    def _requeue(self, batch: Batch) -> None:
         """Puts a failed batch back in front of what arrived meanwhile, keeping seq order."""
         newer, self._pending = self._pending, batch
         for live, pending in newer.items():

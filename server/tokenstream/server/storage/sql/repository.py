@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokenstream.server.domain import (
@@ -19,8 +21,9 @@ from tokenstream.server.domain import (
     decode_ends,
     join_runs,
 )
-from tokenstream.server.storage.errors import AlreadyExists, NotFound
+from tokenstream.server.storage.errors import AlreadyExists, NotFound, StorageUnavailable
 from tokenstream.server.storage.repository import NewStream, WriteBatch
+from tokenstream.server.storage.sql.database import WRITE_OPTION
 from tokenstream.server.storage.sql.schema import conversations, streams, token_runs
 
 _ACTIVE = [state.value for state in ACTIVE_STATES]
@@ -42,6 +45,19 @@ _RECORD_COLUMNS = [
 ]
 
 
+@asynccontextmanager
+async def _unavailable_on_outage() -> AsyncIterator[None]:
+    """Connection loss, lock timeouts and pool exhaustion are worth retrying; say so."""
+    try:
+        yield
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+        raise StorageUnavailable(str(exc)) from exc
+    except sa_exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StorageUnavailable(str(exc)) from exc
+        raise
+
+
 class SqlStreamRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -49,9 +65,23 @@ class SqlStreamRepository:
     async def close(self) -> None:
         await self._engine.dispose()
 
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        """A read transaction: every statement in it sees one snapshot."""
+        async with _unavailable_on_outage(), self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction, holding the write lock from its start on SQLite."""
+        async with _unavailable_on_outage(), self._engine.connect() as conn:
+            await conn.execution_options(**{WRITE_OPTION: True})
+            async with conn.begin():
+                yield conn
+
     async def create_stream(self, new: NewStream) -> StreamRecord:
         try:
-            async with self._engine.begin() as conn:
+            async with self._write() as conn:
                 if new.new_conversation:
                     await conn.execute(
                         insert(conversations).values(
@@ -73,7 +103,7 @@ class SqlStreamRepository:
                         created_at=new.created_at,
                     )
                 )
-        except IntegrityError as exc:
+        except sa_exc.IntegrityError as exc:
             raise AlreadyExists(new.request_id or new.stream_id) from exc
         return StreamRecord(
             stream_id=new.stream_id,
@@ -89,7 +119,7 @@ class SqlStreamRepository:
         )
 
     async def get_stream(self, stream_id: str) -> StreamRecord:
-        async with self._engine.connect() as conn:
+        async with self._read() as conn:
             row = (
                 await conn.execute(select(*_RECORD_COLUMNS).where(streams.c.stream_id == stream_id))
             ).first()
@@ -98,7 +128,7 @@ class SqlStreamRepository:
             return await self._record(conn, row)
 
     async def find_by_request_id(self, request_id: str) -> StreamRecord | None:
-        async with self._engine.connect() as conn:
+        async with self._read() as conn:
             row = (
                 await conn.execute(
                     select(*_RECORD_COLUMNS).where(streams.c.request_id == request_id)
@@ -107,34 +137,52 @@ class SqlStreamRepository:
             return None if row is None else await self._record(conn, row)
 
     async def conversation_exists(self, conversation_id: str) -> bool:
-        async with self._engine.connect() as conn:
+        async with self._read() as conn:
             return await self._conversation_exists(conn, conversation_id)
 
     async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
-        ended: dict[str, StreamRecord] = {}
-        async with self._engine.begin() as conn:
-            if batch.runs:
-                await conn.execute(
-                    insert(token_runs),
-                    [
-                        {
-                            "stream_id": stream_id,
-                            "start_seq": run.start_seq,
-                            "end_seq": run.end_seq,
-                            "text": run.text,
-                            "token_ends": run.encode_ends(),
-                        }
-                        for stream_id, run in batch.runs
-                    ],
-                )
+        touched = {stream_id for stream_id, _ in batch.runs}
+        touched.update(stream_id for stream_id, _ in batch.endings)
+        terminal: dict[str, StreamRecord] = {}
+        async with self._write() as conn:
+            active = set(
+                (
+                    await conn.scalars(
+                        select(streams.c.stream_id)
+                        .where(streams.c.stream_id.in_(touched), streams.c.state.in_(_ACTIVE))
+                        .with_for_update()  # PostgreSQL: no other replica ends them meanwhile
+                    )
+                ).all()
+            )
+            rows = [
+                {
+                    "stream_id": stream_id,
+                    "start_seq": run.start_seq,
+                    "end_seq": run.end_seq,
+                    "text": run.text,
+                    "token_ends": run.encode_ends(),
+                }
+                for stream_id, run in batch.runs
+                if stream_id in active  # an ended stream takes no more tokens
+            ]
+            if rows:
+                await conn.execute(insert(token_runs), rows)
             for stream_id, ending in batch.endings:
-                record = await self._end_stream(conn, stream_id, ending, batch.at)
-                if record is not None:
-                    ended[stream_id] = record
-        return ended
+                if stream_id in active:
+                    await self._end_stream(conn, stream_id, ending, batch.at)
+                    active.discard(stream_id)
+            for stream_id in touched - active:
+                row = (
+                    await conn.execute(
+                        select(*_RECORD_COLUMNS).where(streams.c.stream_id == stream_id)
+                    )
+                ).first()
+                if row is not None:
+                    terminal[stream_id] = await self._record(conn, row)
+        return terminal
 
     async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
-        async with self._engine.connect() as conn:
+        async with self._read() as conn:
             row = (
                 await conn.execute(
                     select(streams.c.state, streams.c.text, streams.c.token_ends).where(
@@ -163,7 +211,7 @@ class SqlStreamRepository:
             return runs
 
     async def list_turns(self, conversation_id: str, after: int, limit: int) -> list[Turn]:
-        async with self._engine.connect() as conn:
+        async with self._read() as conn:
             if not await self._conversation_exists(conn, conversation_id):
                 raise NotFound(conversation_id)
             rows = (
@@ -185,9 +233,14 @@ class SqlStreamRepository:
             return turns
 
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             ids = (
-                await conn.scalars(select(streams.c.stream_id).where(streams.c.state.in_(_ACTIVE)))
+                await conn.scalars(
+                    select(streams.c.stream_id)
+                    .where(streams.c.state.in_(_ACTIVE))
+                    .order_by(streams.c.id)
+                    .with_for_update()
+                )
             ).all()
             for stream_id in ids:
                 await self._end_stream(conn, stream_id, ending, at)
@@ -213,35 +266,23 @@ class SqlStreamRepository:
 
     async def _end_stream(
         self, conn: AsyncConnection, stream_id: str, ending: Ending, at: datetime
-    ) -> StreamRecord | None:
+    ) -> None:
         """Ends an active stream and compacts its runs into the stream row."""
-        claimed = await conn.execute(
-            update(streams)
-            .where(streams.c.stream_id == stream_id, streams.c.state.in_(_ACTIVE))
-            .values(
-                state=ending.state.value,
-                reason=ending.reason,
-                error=ending.error,
-                finished_at=at,
-            )
-        )
-        if claimed.rowcount != 1:
-            return None  # already ended by someone else: the first ending wins
         full = join_runs(await self._all_runs(conn, stream_id))
         await conn.execute(
             update(streams)
             .where(streams.c.stream_id == stream_id)
             .values(
+                state=ending.state.value,
+                reason=ending.reason,
+                error=ending.error,
+                finished_at=at,
                 final_seq=full.end_seq if full.ends else -1,
                 text=full.text,
                 token_ends=full.encode_ends(),
             )
         )
         await conn.execute(delete(token_runs).where(token_runs.c.stream_id == stream_id))
-        row = (
-            await conn.execute(select(*_RECORD_COLUMNS).where(streams.c.stream_id == stream_id))
-        ).one()
-        return await self._record(conn, row)
 
     @staticmethod
     async def _record(conn: AsyncConnection, row: Any) -> StreamRecord:

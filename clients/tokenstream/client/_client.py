@@ -164,6 +164,12 @@ class TokenStreamClient:
                         yield Chunk(chunk.start_seq, chunk.end_seq, chunk.text)
                     elif kind == "end":
                         end = message.end
+                        if end.final_seq >= next_seq:
+                            raise TokenStreamClientError(
+                                grpc.StatusCode.DATA_LOSS,
+                                f"the stream ended at seq {end.final_seq} but tokens from "
+                                f"{next_seq} on never arrived",
+                            )
                         yield StreamEnd(
                             _state_name(end.state), end.final_seq, end.reason, end.error
                         )

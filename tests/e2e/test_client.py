@@ -1,0 +1,61 @@
+"""The Python client against a real server."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from tests.conftest import RunningServer
+from tokenstream.client import StreamEnd, TokenStreamClient, TokenStreamClientError
+from tokenstream.server.models.synthetic import synthetic_tokens
+
+
+async def test_submit_stream_cancel_and_history(paced_server: RunningServer) -> None:
+    async with TokenStreamClient(paced_server.target) as client:
+        done = await client.submit("short", max_tokens=30)
+        items = [item async for item in client.stream(done.stream_id)]
+        end = items[-1]
+        assert isinstance(end, StreamEnd)
+        assert (end.state, end.final_seq) == ("COMPLETED", 29)
+        text = "".join(item.text for item in items[:-1] if not isinstance(item, StreamEnd))
+        assert text == "".join(synthetic_tokens("short", 30))
+
+        long = await client.submit("long", conversation_id=done.conversation_id, max_tokens=10_000)
+        cancelled = await client.cancel(long.stream_id)
+        assert cancelled.state == "CANCELLED"
+
+        turns = [turn async for turn in client.history(done.conversation_id, page_size=1)]
+        assert [(t.prompt, t.state) for t in turns] == [
+            ("short", "COMPLETED"),
+            ("long", "CANCELLED"),
+        ]
+        assert turns[0].response == text
+        info = await client.get_stream(long.stream_id)
+        assert (info.conversation_id, info.turn.head_seq) == (
+            done.conversation_id,
+            cancelled.final_seq,
+        )
+
+
+async def test_resume_from_the_middle(server: RunningServer) -> None:
+    async with TokenStreamClient(server.target) as client:
+        done = await client.submit("middle", max_tokens=50)
+        items = [item async for item in client.stream(done.stream_id, from_seq=20)]
+        text = "".join(item.text for item in items if not isinstance(item, StreamEnd))
+        assert text == "".join(synthetic_tokens("middle", 50)[20:])
+
+
+async def test_errors_carry_code_and_reason(server: RunningServer) -> None:
+    async with TokenStreamClient(server.target) as client:
+        with pytest.raises(TokenStreamClientError) as info:
+            await client.submit("hi", model="no-such-model")
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.reason == "UNKNOWN_MODEL"
+        assert info.value.metadata["available_models"] == "echo,synthetic"
+        with pytest.raises(TokenStreamClientError) as info:
+            async for _ in client.stream("strm_" + "z" * 26):
+                pass
+        assert (info.value.code, info.value.reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "STREAM_NOT_FOUND",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -10,7 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import RunningServer, ServerFactory
 from tests.e2e.grpc_helpers import error_info, read_all
+from tokenstream.server import ServerConfig, create_server
 from tokenstream.server.models.synthetic import synthetic_tokens
+from tokenstream.server.storage.sql import DatabaseInUse
 from tokenstream.v1 import tokenstream_pb2 as pb
 
 PROMPT = "The quick brown fox jumps over the lazy dog, twice:  again!"
@@ -340,3 +343,19 @@ async def test_running_stream_waits_for_from_seq_past_its_head(
     got = await read_all(paced_server.stub, sub.stream_id, 30)
     got.assert_contiguous(30)
     assert got.text == "".join(synthetic_tokens("wait for it", 40)[30:])
+
+
+async def test_second_server_on_same_database_or_port_refuses_to_start(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    same_db = ServerConfig(port=0, database_url=server.server.config.database_url)
+    with pytest.raises(DatabaseInUse):
+        await create_server(same_db)
+    same_port = ServerConfig(
+        port=server.server.port, database_url=f"sqlite+aiosqlite:///{tmp_path / 'other.db'}"
+    )
+    with pytest.raises(OSError, match="could not listen"):
+        await create_server(same_port)
+    # The running server was not disturbed.
+    sub = await submit(server, prompt="still here", model="echo")
+    assert (await read_all(server.stub, sub.stream_id)).text == "still here"

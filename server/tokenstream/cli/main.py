@@ -106,7 +106,12 @@ def serve(
         default_model=default_model,
         engine=replace(base.engine, heartbeat_interval=heartbeat_interval),
     )
-    asyncio.run(run_server(config))
+    from tokenstream.server.storage.sql import DatabaseInUse
+
+    try:
+        asyncio.run(run_server(config))
+    except (DatabaseInUse, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.command()

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from tokenstream.server.config import ServerConfig
 from tokenstream.server.models import builtin_registry
 from tokenstream.server.storage.sql import (
+    SqliteFileLock,
     SqlStreamRepository,
     create_engine,
     is_sqlite,
@@ -43,6 +44,7 @@ class TokenStreamServer:
         repository: SqlStreamRepository,
         health_servicer: health.aio.HealthServicer,
         port: int,
+        db_lock: SqliteFileLock | None = None,
     ) -> None:
         self.config = config
         self.port = port
@@ -50,6 +52,7 @@ class TokenStreamServer:
         self._grpc = grpc_server
         self._repository = repository
         self._health = health_servicer
+        self._db_lock = db_lock
         self._stopped: asyncio.Task[None] | None = None
 
     @property
@@ -63,6 +66,7 @@ class TokenStreamServer:
         except BaseException:
             await self.engine.stop()
             await self._repository.close()
+            self._release_db()
             raise
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -85,7 +89,12 @@ class TokenStreamServer:
                 await self._grpc.stop(grace)
             finally:
                 await self._repository.close()
+                self._release_db()
         log.info("tokenstream stopped")
+
+    def _release_db(self) -> None:
+        if self._db_lock is not None:
+            self._db_lock.release()
 
     async def wait_for_termination(self) -> None:
         await self._grpc.wait_for_termination()
@@ -93,6 +102,21 @@ class TokenStreamServer:
 
 async def create_server(config: ServerConfig) -> tuple[TokenStreamServer, int]:
     """Builds and binds the server (not started). Port 0 binds a free port."""
+    sqlite = is_sqlite(config.database_url)
+    db_lock = SqliteFileLock(config.database_url) if sqlite else None
+    if db_lock is not None:
+        db_lock.acquire()
+    try:
+        return await _build(config, sqlite, db_lock)
+    except BaseException:
+        if db_lock is not None:
+            db_lock.release()
+        raise
+
+
+async def _build(
+    config: ServerConfig, sqlite: bool, db_lock: SqliteFileLock | None
+) -> tuple[TokenStreamServer, int]:
     db = create_engine(config.database_url)
     if config.migrate:
         await upgrade_to_head(db)
@@ -101,22 +125,29 @@ async def create_server(config: ServerConfig) -> tuple[TokenStreamServer, int]:
         repository,
         builtin_registry(config.token_rate, config.default_model),
         config.engine,
-        # One process owns an embedded SQLite file; on a shared server database, other
-        # replicas may be generating the streams this one finds active.
-        sole_writer=is_sqlite(config.database_url),
+        # One process owns an embedded SQLite file (SqliteFileLock); on a shared server
+        # database, other replicas may be generating the streams this one finds active.
+        sole_writer=sqlite,
     )
 
-    grpc_server = grpc.aio.server(interceptors=[DomainErrorInterceptor()])
+    # No SO_REUSEPORT: a second server on a taken port must fail, not share the port.
+    grpc_server = grpc.aio.server(
+        interceptors=[DomainErrorInterceptor()], options=[("grpc.so_reuseport", 0)]
+    )
     pb_grpc.add_TokenStreamServiceServicer_to_server(TokenStreamServicer(engine), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server
     )
-    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
-    server = TokenStreamServer(config, grpc_server, engine, repository, health_servicer, port)
+    try:
+        port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as exc:
+        await db.dispose()
+        raise OSError(f"could not listen on {config.host}:{config.port}: {exc}") from exc
+    server = TokenStreamServer(
+        config, grpc_server, engine, repository, health_servicer, port, db_lock
+    )
     return server, port
 
 

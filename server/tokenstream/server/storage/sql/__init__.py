@@ -1,7 +1,19 @@
 """SQLAlchemy implementation of the repository (SQLite via aiosqlite, PostgreSQL via asyncpg)."""
 
-from tokenstream.server.storage.sql.database import create_engine, is_sqlite
+from tokenstream.server.storage.sql.database import (
+    DatabaseInUse,
+    SqliteFileLock,
+    create_engine,
+    is_sqlite,
+)
 from tokenstream.server.storage.sql.migrate import upgrade_to_head
 from tokenstream.server.storage.sql.repository import SqlStreamRepository
 
-__all__ = ["SqlStreamRepository", "create_engine", "is_sqlite", "upgrade_to_head"]
+__all__ = [
+    "DatabaseInUse",
+    "SqlStreamRepository",
+    "SqliteFileLock",
+    "create_engine",
+    "is_sqlite",
+    "upgrade_to_head",
+]

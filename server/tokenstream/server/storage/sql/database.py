@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import fcntl
+from typing import IO, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
@@ -44,3 +45,39 @@ def _sqlite_begin(conn: Connection) -> None:
     # of failing when a read transaction would have to be upgraded to a write.
     immediate = conn.get_execution_options().get(WRITE_OPTION, False)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class DatabaseInUse(RuntimeError):
+    """Another server process already owns this embedded database file."""
+
+
+class SqliteFileLock:
+    """An exclusive lock on `<database>.lock`, held while a server uses an SQLite file.
+
+    One process owns an embedded database: it recovers the streams it finds running as
+    interrupted, which would be wrong if another live process were generating them.
+    """
+
+    def __init__(self, url: str) -> None:
+        database = make_url(url).database
+        self.path = None if not database or database == ":memory:" else f"{database}.lock"
+        self._file: IO[bytes] | None = None
+
+    def acquire(self) -> None:
+        if self.path is None:
+            return
+        handle = open(self.path, "wb")  # noqa: SIM115  # held open for the server's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise DatabaseInUse(
+                f"another tokenstream server is using {self.path.removesuffix('.lock')}; "
+                "stop it or choose another --database-url"
+            ) from None
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None

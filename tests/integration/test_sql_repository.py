@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select
@@ -16,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenstream.server.domain import Ending, StreamState, TokenRun
 from tokenstream.server.storage.errors import AlreadyExists, NotFound
-from tokenstream.server.storage.repository import NewStream, WriteBatch
+from tokenstream.server.storage.repository import NewStream, PurgeResult, WriteBatch
 from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
+from tokenstream.server.storage.sql.migrate import alembic_config
 from tokenstream.server.storage.sql.schema import metadata, streams, token_runs
 
 CONV = "conv_" + "c" * 26
@@ -204,3 +207,70 @@ async def test_end_active_streams_compacts_them(repo: SqlStreamRepository) -> No
     record = await repo.get_stream(stream_id(0))
     assert (record.state, record.reason, record.head_seq) == (StreamState.FAILED, "interrupted", 1)
     assert await repo.end_active_streams(Ending(StreamState.FAILED), NOW) == []
+
+
+async def test_leases_are_renewed_and_expired_ones_end(repo: SqlStreamRepository) -> None:
+    mine = replace(new_stream(1), owner_id="srv_me", lease_expires_at=NOW)
+    theirs = replace(new_stream(2), owner_id="srv_dead", lease_expires_at=NOW)
+    await repo.create_stream(mine)
+    await repo.create_stream(theirs)
+    await repo.commit(WriteBatch(NOW, runs=[(stream_id(2), TokenRun.from_tokens(0, ["a", "b"]))]))
+    assert await repo.renew_leases("srv_me", NOW + timedelta(seconds=30)) == 1
+    ended = await repo.end_expired_leases(
+        NOW + timedelta(seconds=1), Ending(StreamState.FAILED, "interrupted")
+    )
+    # stream 0 has no lease (never expires by sweep); srv_me's was renewed.
+    assert ended == [stream_id(2)]
+    record = await repo.get_stream(stream_id(2))
+    assert (record.state, record.reason, record.head_seq) == (StreamState.FAILED, "interrupted", 1)
+    assert (await repo.get_stream(stream_id(1))).state is StreamState.RUNNING
+    assert await repo.renew_leases("srv_dead", NOW + timedelta(seconds=30)) == 0
+
+
+async def test_purge_deletes_old_finished_streams_and_empty_conversations(
+    repo: SqlStreamRepository, engine: AsyncEngine
+) -> None:
+    other_conv = "conv_" + "d" * 26
+    lonely = replace(new_stream(1), conversation_id=other_conv, new_conversation=True)
+    await repo.create_stream(lonely)
+    await repo.create_stream(new_stream(2))  # stays running in CONV
+    for sid in (stream_id(0), stream_id(1)):
+        await repo.commit(WriteBatch(NOW, endings=[(sid, Ending(StreamState.COMPLETED))]))
+    assert await repo.purge_finished(NOW) == PurgeResult(0, 0)  # nothing older than NOW
+    result = await repo.purge_finished(NOW + timedelta(seconds=1))
+    assert result == PurgeResult(streams=2, conversations=1)  # CONV still has a stream
+    with pytest.raises(NotFound):
+        await repo.get_stream(stream_id(0))
+    assert (await repo.get_stream(stream_id(2))).state is StreamState.RUNNING
+    assert not await repo.conversation_exists(other_conv)
+    assert await repo.conversation_exists(CONV)
+
+
+async def test_upgrade_from_the_first_revision_keeps_data(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+
+    def to_first(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+
+    db = create_engine(url)
+    async with db.begin() as conn:
+        await conn.run_sync(to_first)
+        await conn.exec_driver_sql(
+            "INSERT INTO conversations (conversation_id, created_at) VALUES (?, ?)",
+            (CONV, "2026-01-01 00:00:00"),
+        )
+        await conn.exec_driver_sql(
+            "INSERT INTO streams (stream_id, conversation_id, prompt, model, max_tokens, state,"
+            " final_seq, text, token_ends, created_at) VALUES (?, ?, 'old', 'echo', 5,"
+            " 'completed', 1, 'ab', ?, '2026-01-01 00:00:00')",
+            (stream_id(7), CONV, TokenRun.from_tokens(0, ["a", "b"]).encode_ends()),
+        )
+    await upgrade_to_head(db)
+    repository = SqlStreamRepository(db)
+    record = await repository.get_stream(stream_id(7))
+    assert (record.prompt, record.state, record.head_seq) == ("old", StreamState.COMPLETED, 1)
+    runs = await repository.read_runs(stream_id(7), 1, 100)
+    assert [c.text for c in runs[0].chunks(1, 100)] == ["b"]
+    await repository.close()

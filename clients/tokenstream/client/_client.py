@@ -22,6 +22,15 @@ Resp = TypeVar("Resp")
 # Codes after which re-sending the same request can succeed; everything else is final.
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
+# Keepalive pings every 20 s (the server accepts one per 10 s) so a connection to a dead or
+# unreachable server fails within ~30 s even when its stream is quiet.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
 
 def _state_name(value: pb.StreamState.ValueType) -> str:
     return pb.StreamState.Name(value).removeprefix("STREAM_STATE_")
@@ -100,7 +109,7 @@ class TokenStreamClient:
         max_resumes: int = 5,
         timeout: float | None = 30.0,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.TokenStreamServiceStub(self._channel)
         self._max_resumes = max_resumes
         self._timeout = timeout

@@ -100,6 +100,23 @@ class TokenStreamServer:
         await self._grpc.wait_for_termination()
 
 
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    keepalive_ms = int(config.keepalive_time * 1000)
+    return [
+        # No SO_REUSEPORT: a second server on a taken port must fail, not share the port.
+        ("grpc.so_reuseport", 0),
+        # Ping idle connections and drop those that do not answer: a subscriber whose
+        # network vanished is noticed even while its stream is quiet.
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Accept client pings as often as clients are told to send them (see the client).
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", min(keepalive_ms, 10_000)),
+    ]
+
+
 async def create_server(config: ServerConfig) -> tuple[TokenStreamServer, int]:
     """Builds and binds the server (not started). Port 0 binds a free port."""
     sqlite = is_sqlite(config.database_url)
@@ -130,9 +147,8 @@ async def _build(
         sole_writer=sqlite,
     )
 
-    # No SO_REUSEPORT: a second server on a taken port must fail, not share the port.
     grpc_server = grpc.aio.server(
-        interceptors=[DomainErrorInterceptor()], options=[("grpc.so_reuseport", 0)]
+        interceptors=[DomainErrorInterceptor()], options=server_options(config)
     )
     pb_grpc.add_TokenStreamServiceServicer_to_server(TokenStreamServicer(engine), grpc_server)
     health_servicer = health.aio.HealthServicer()

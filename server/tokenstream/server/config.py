@@ -21,4 +21,7 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     # Bring the schema up to date on start (Alembic).
     migrate: bool = True
+    # HTTP/2 keepalive pings on idle connections, so a dead peer is noticed (seconds).
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
     engine: EngineSettings = field(default_factory=EngineSettings)

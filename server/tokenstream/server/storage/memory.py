@@ -8,7 +8,7 @@ from datetime import datetime
 
 from tokenstream.server.domain import Ending, StreamRecord, StreamState, TokenRun, Turn, join_runs
 from tokenstream.server.storage.errors import AlreadyExists, NotFound
-from tokenstream.server.storage.repository import NewStream, WriteBatch
+from tokenstream.server.storage.repository import NewStream, PurgeResult, WriteBatch
 
 
 @dataclass(slots=True)
@@ -17,12 +17,15 @@ class _Stream:
     cursor: int
     runs: list[TokenRun] = field(default_factory=list)
     compacted: TokenRun | None = None
+    owner_id: str | None = None
+    lease_expires_at: datetime | None = None
 
 
 class MemoryStreamRepository:
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
         self._conversations: set[str] = set()
+        self._conversation_created: dict[str, datetime] = {}
         self._request_ids: dict[str, str] = {}
         self._next_cursor = 1
         self.commits = 0  # visible to tests: how many group commits reached the store
@@ -56,7 +59,10 @@ class MemoryStreamRepository:
             head_seq=-1,
             created_at=new.created_at,
         )
-        self._streams[new.stream_id] = _Stream(record, self._next_cursor)
+        self._streams[new.stream_id] = _Stream(
+            record, self._next_cursor, owner_id=new.owner_id, lease_expires_at=new.lease_expires_at
+        )
+        self._conversation_created.setdefault(new.conversation_id, new.created_at)
         self._next_cursor += 1
         if new.request_id is not None:
             self._request_ids[new.request_id] = new.stream_id
@@ -127,6 +133,45 @@ class MemoryStreamRepository:
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
         return [sid for sid in list(self._streams) if self._end(sid, ending, at)]
 
+    async def renew_leases(self, owner_id: str, until: datetime) -> int:
+        mine = [
+            s
+            for s in self._streams.values()
+            if s.owner_id == owner_id and not s.record.state.is_terminal
+        ]
+        for stream in mine:
+            stream.lease_expires_at = until
+        return len(mine)
+
+    async def end_expired_leases(self, now: datetime, ending: Ending) -> list[str]:
+        expired = [
+            sid
+            for sid, s in self._streams.items()
+            if not s.record.state.is_terminal
+            and s.lease_expires_at is not None
+            and s.lease_expires_at < now
+        ]
+        return [sid for sid in expired if self._end(sid, ending, now)]
+
+    async def purge_finished(self, before: datetime) -> PurgeResult:
+        old = [
+            sid
+            for sid, s in self._streams.items()
+            if s.record.finished_at is not None and s.record.finished_at < before
+        ]
+        for sid in old:
+            stream = self._streams.pop(sid)
+            if stream.record.request_id is not None:
+                self._request_ids.pop(stream.record.request_id, None)
+        in_use = {s.record.conversation_id for s in self._streams.values()}
+        empty = [
+            c
+            for c in self._conversations
+            if c not in in_use and self._conversation_created.get(c, before) < before
+        ]
+        self._conversations.difference_update(empty)
+        return PurgeResult(len(old), len(empty))
+
     def _get(self, stream_id: str) -> _Stream:
         try:
             return self._streams[stream_id]
@@ -139,6 +184,7 @@ class MemoryStreamRepository:
             return False
         full = join_runs(stream.runs)
         stream.compacted, stream.runs = full, []
+        stream.lease_expires_at = None
         stream.record = replace(
             stream.record,
             state=ending.state,

@@ -22,6 +22,15 @@ class NewStream:
     request_id: str | None
     request_hash: str | None
     created_at: datetime
+    # The generating server's claim on the stream (see `renew_leases`).
+    owner_id: str | None = None
+    lease_expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    streams: int
+    conversations: int
 
 
 @dataclass(slots=True)
@@ -78,6 +87,19 @@ class StreamRepository(Protocol):
 
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
         """Ends every PENDING/RUNNING stream (crash recovery); returns their ids."""
+        ...
+
+    async def renew_leases(self, owner_id: str, until: datetime) -> int:
+        """Extends the lease of every active stream `owner_id` generates; returns how many."""
+        ...
+
+    async def end_expired_leases(self, now: datetime, ending: Ending) -> list[str]:
+        """Ends active streams whose lease ran out before `now` (their server is gone)."""
+        ...
+
+    async def purge_finished(self, before: datetime) -> PurgeResult:
+        """Deletes streams that ended before `before`, and conversations left empty by it
+        that were created before `before`."""
         ...
 
     async def close(self) -> None: ...

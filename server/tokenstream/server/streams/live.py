@@ -1,4 +1,4 @@
-"""A stream being generated in this process: its durable tokens in memory, and wake-ups."""
+"""A stream being generated in this process: its newest durable tokens, and wake-ups."""
 
 from __future__ import annotations
 
@@ -9,31 +9,42 @@ from tokenstream.server.domain import Chunk, Ending, StreamRecord, StreamState
 
 
 class LiveStream:
-    """Holds the committed tokens of one running stream and wakes its subscribers.
+    """Holds the newest committed tokens of one running stream and wakes its subscribers.
 
     Only tokens that are durable in the store are here: the writer publishes them after
-    each commit, so a subscriber never sees a token a crash could take back.
+    each commit, so a subscriber never sees a token a crash could take back. Memory is
+    bounded: only the last `tail_limit` to twice that many tokens are kept; a subscriber
+    further behind reads the rest from the store.
     """
 
     __slots__ = (
         "_changed",
         "_ended",
+        "base_seq",
+        "caller",
         "final",
+        "last_progress",
         "producing",
         "record",
         "stop_requested",
+        "tail_limit",
         "task",
         "tokens",
     )
 
-    def __init__(self, record: StreamRecord) -> None:
+    def __init__(self, record: StreamRecord, caller: str = "", tail_limit: int = 8192) -> None:
         self.record = record
-        self.tokens: list[str] = []  # durable tokens; the index is the seq
+        self.caller = caller
+        self.tail_limit = max(tail_limit, 1)
+        self.tokens: list[str] = []  # durable tokens base_seq, base_seq + 1, ...
+        self.base_seq = 0
         self.final: StreamRecord | None = None  # set once the ending is committed
-        # Why generation must stop early (cancel, shutdown); checked before every write.
+        # Why generation must stop early (cancel, shutdown, stall); checked before every write.
         self.stop_requested: Ending | None = None
         # True while the generation task reads its token source (and may be interrupted).
         self.producing = False
+        # Event-loop time of the last token from the source (or of the start), for stalls.
+        self.last_progress = 0.0
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._ended = asyncio.Event()
@@ -44,7 +55,7 @@ class LiveStream:
 
     @property
     def head_seq(self) -> int:
-        return len(self.tokens) - 1
+        return self.base_seq + len(self.tokens) - 1
 
     @property
     def state(self) -> StreamState:
@@ -57,6 +68,10 @@ class LiveStream:
 
     def publish(self, tokens: list[str]) -> None:
         self.tokens.extend(tokens)
+        if len(self.tokens) > 2 * self.tail_limit:  # trim in bulk: amortized O(1) per token
+            drop = len(self.tokens) - self.tail_limit
+            del self.tokens[:drop]
+            self.base_seq += drop
         self._wake()
 
     def publish_end(self, final: StreamRecord) -> None:
@@ -70,17 +85,18 @@ class LiveStream:
         return self.final
 
     def chunks(self, from_seq: int, max_chars: int) -> Iterator[Chunk]:
-        """Durable tokens from `from_seq` on, rolled up into chunks of at most `max_chars`."""
-        seq, head = from_seq, self.head_seq
-        while seq <= head:
-            size, last = 0, seq
-            while last <= head:
-                size += len(self.tokens[last])
-                if size > max_chars and last > seq:
+        """Durable tokens from `from_seq` (>= base_seq) on, as chunks of <= `max_chars`."""
+        tokens, base = self.tokens, self.base_seq
+        index, end = from_seq - base, len(tokens)
+        while index < end:
+            size, last = 0, index
+            while last < end:
+                size += len(tokens[last])
+                if size > max_chars and last > index:
                     break
                 last += 1
-            yield Chunk(seq, last - 1, "".join(self.tokens[seq:last]))
-            seq = last
+            yield Chunk(base + index, base + last - 1, "".join(tokens[index:last]))
+            index = last
 
     def _wake(self) -> None:
         self._changed.set()

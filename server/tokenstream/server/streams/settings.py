@@ -26,3 +26,20 @@ class EngineSettings:
     # History page size when the request leaves it at 0, and the largest allowed.
     default_page_size: int = 50
     max_page_size: int = 1000
+    # A generation whose model produces no token for this long ends FAILED `timeout`
+    # (seconds; 0 disables the check).
+    stall_timeout: float = 60.0
+    # Durable tokens kept in memory per running stream for live subscribers (between this
+    # and twice this many); a subscriber further behind reads from the store.
+    live_tail_tokens: int = 8192
+    # Capacity limits (RESOURCE_EXHAUSTED when reached): concurrent generations on this
+    # server and per caller, and subscribers of one stream on this server.
+    max_generations: int = 1000
+    max_generations_per_caller: int = 100
+    max_subscribers_per_stream: int = 1000
+    # A generating server renews its claim on its streams three times per TTL; a claim not
+    # renewed for this long (seconds) marks a dead server, and its streams end `interrupted`.
+    lease_ttl: float = 15.0
+    # Finished streams older than this many days are purged in the background (None: never).
+    retention_days: float | None = None
+    retention_interval: float = 3600.0

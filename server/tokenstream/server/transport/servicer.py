@@ -17,6 +17,16 @@ from tokenstream.v1 import tokenstream_pb2 as pb
 from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
 
 
+def caller_of(context: grpc.aio.ServicerContext[object, object]) -> str:
+    """Who is calling, for per-caller limits: the peer's address without its port.
+
+    (Once calls are authenticated, the principal takes this place.)
+    """
+    peer = context.peer() or ""
+    host, _, _port = peer.rpartition(":")
+    return host or peer
+
+
 class TokenStreamServicer(pb_grpc.TokenStreamServiceServicer):
     def __init__(self, engine: StreamEngine) -> None:
         self._engine = engine
@@ -31,6 +41,7 @@ class TokenStreamServicer(pb_grpc.TokenStreamServiceServicer):
                 request_id=request.request_id,
                 model=request.model,
                 max_tokens=request.max_tokens,
+                caller=caller_of(context),
             )
         )
         return pb.SubmitPromptResponse(

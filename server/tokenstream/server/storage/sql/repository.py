@@ -22,7 +22,7 @@ from tokenstream.server.domain import (
     join_runs,
 )
 from tokenstream.server.storage.errors import AlreadyExists, NotFound, StorageUnavailable
-from tokenstream.server.storage.repository import NewStream, WriteBatch
+from tokenstream.server.storage.repository import NewStream, PurgeResult, WriteBatch
 from tokenstream.server.storage.sql.database import WRITE_OPTION
 from tokenstream.server.storage.sql.schema import conversations, streams, token_runs
 
@@ -101,6 +101,8 @@ class SqlStreamRepository:
                         max_tokens=new.max_tokens,
                         state=StreamState.RUNNING.value,
                         created_at=new.created_at,
+                        owner_id=new.owner_id,
+                        lease_expires_at=new.lease_expires_at,
                     )
                 )
         except sa_exc.IntegrityError as exc:
@@ -246,6 +248,46 @@ class SqlStreamRepository:
                 await self._end_stream(conn, stream_id, ending, at)
             return list(ids)
 
+    async def renew_leases(self, owner_id: str, until: datetime) -> int:
+        async with self._write() as conn:
+            result = await conn.execute(
+                update(streams)
+                .where(streams.c.owner_id == owner_id, streams.c.state.in_(_ACTIVE))
+                .values(lease_expires_at=until)
+            )
+            return int(result.rowcount)
+
+    async def end_expired_leases(self, now: datetime, ending: Ending) -> list[str]:
+        async with self._write() as conn:
+            ids = (
+                await conn.scalars(
+                    select(streams.c.stream_id)
+                    .where(streams.c.state.in_(_ACTIVE), streams.c.lease_expires_at < now)
+                    .order_by(streams.c.id)
+                    .with_for_update()
+                )
+            ).all()
+            for stream_id in ids:
+                await self._end_stream(conn, stream_id, ending, now)
+            return list(ids)
+
+    async def purge_finished(self, before: datetime) -> PurgeResult:
+        async with self._write() as conn:
+            purged = await conn.execute(
+                delete(streams).where(
+                    streams.c.state.not_in(_ACTIVE), streams.c.finished_at < before
+                )
+            )
+            remaining = select(streams.c.id).where(
+                streams.c.conversation_id == conversations.c.conversation_id
+            )
+            emptied = await conn.execute(
+                delete(conversations).where(
+                    conversations.c.created_at < before, ~remaining.exists()
+                )
+            )
+            return PurgeResult(int(purged.rowcount), int(emptied.rowcount))
+
     # -- helpers -------------------------------------------------------------------------
 
     @staticmethod
@@ -280,6 +322,7 @@ class SqlStreamRepository:
                 final_seq=full.end_seq if full.ends else -1,
                 text=full.text,
                 token_ends=full.encode_ends(),
+                lease_expires_at=None,
             )
         )
         await conn.execute(delete(token_runs).where(token_runs.c.stream_id == stream_id))

@@ -85,8 +85,12 @@ streams = Table(
     Column("error", Text, nullable=False, server_default=""),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("finished_at", UtcDateTime(), nullable=True),
+    # The server generating an active stream, and until when its claim holds unless renewed.
+    Column("owner_id", String(40), nullable=True),
+    Column("lease_expires_at", UtcDateTime(), nullable=True),
     Index(None, "conversation_id", "id"),
-    Index(None, "state"),
+    Index(None, "state", "lease_expires_at"),
+    Index(None, "finished_at"),
 )
 
 # Tokens of streams that have not ended yet, one row per stream per group commit.

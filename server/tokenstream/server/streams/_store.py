@@ -1,0 +1,35 @@
+"""Repository calls as the engine makes them: outages become UNAVAILABLE."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from tokenstream.server.domain import StreamRecord
+from tokenstream.server.errors import NotFound, Unavailable
+from tokenstream.server.storage import errors as storage_errors
+from tokenstream.server.storage.repository import StreamRepository
+
+T = TypeVar("T")
+
+
+async def guarded(call: Awaitable[T]) -> T:
+    """Awaits a repository call; an outage becomes UNAVAILABLE, which clients retry."""
+    try:
+        return await call
+    except storage_errors.StorageUnavailable as exc:
+        raise Unavailable(
+            "the database is unavailable right now; retry shortly",
+            reason="STORAGE_UNAVAILABLE",
+        ) from exc
+
+
+async def get_record(repository: StreamRepository, stream_id: str) -> StreamRecord:
+    try:
+        return await guarded(repository.get_stream(stream_id))
+    except storage_errors.NotFound as exc:
+        raise NotFound(
+            f"stream {stream_id} does not exist; stream ids come from SubmitPrompt",
+            reason="STREAM_NOT_FOUND",
+            field="stream_id",
+        ) from exc

@@ -1,0 +1,189 @@
+"""Generations running in this process: start, stop on request, and stop when stalled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from tokenstream.server.domain import Ending, EndReason, StreamRecord, StreamState
+from tokenstream.server.models import GenerationRequest, TokenSource
+from tokenstream.server.streams.live import LiveStream
+from tokenstream.server.streams.writer import BatchWriter
+
+log = logging.getLogger(__name__)
+
+CANCELLED = Ending(StreamState.CANCELLED)
+SHUTDOWN = Ending(
+    StreamState.FAILED,
+    EndReason.SHUTDOWN,
+    "the server shut down while this stream was generating; the tokens stored before that are kept",
+)
+
+
+class Generations:
+    """The live streams of this process and the tasks that feed them."""
+
+    def __init__(self, writer: BatchWriter, stall_timeout: float, tail_limit: int) -> None:
+        self._writer = writer
+        self._stall_timeout = stall_timeout
+        self._tail_limit = tail_limit
+        self.live: dict[str, LiveStream] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def count(self, caller: str | None = None) -> int:
+        """Generations not yet ended (an ended one may linger here for a moment)."""
+        return sum(
+            1
+            for live in self.live.values()
+            if live.final is None and (caller is None or live.caller == caller)
+        )
+
+    def start(self, record: StreamRecord, source: TokenSource, caller: str) -> LiveStream:
+        live = LiveStream(record, caller, self._tail_limit)
+        live.last_progress = asyncio.get_running_loop().time()
+        self.live[record.stream_id] = live
+        request = GenerationRequest(record.stream_id, record.prompt, record.max_tokens)
+        task = asyncio.create_task(
+            self._generate(live, source, request), name=f"generate-{record.stream_id}"
+        )
+        live.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        if self._watchdog is None and self._stall_timeout > 0:
+            self._watchdog = asyncio.create_task(self._watch(), name="tokenstream-stall-watchdog")
+        return live
+
+    @staticmethod
+    def request_stop(live: LiveStream, ending: Ending) -> None:
+        """Stops the generation before its next token (interrupting a wait for one)."""
+        if live.stop_requested is None and live.final is None:
+            live.stop_requested = ending
+            if live.producing and live.task is not None:
+                live.task.cancel()
+
+    async def stop_all(self, ending: Ending) -> None:
+        """Stops every generation with `ending` and waits until each has ended."""
+        while self._tasks:
+            for live in list(self.live.values()):
+                self.request_stop(live, ending)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("generation task %s failed", task.get_name(), exc_info=exc)
+
+    async def _watch(self) -> None:
+        """Ends generations whose model produced nothing for `stall_timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        period = min(1.0, self._stall_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for live in list(self.live.values()):
+                if live.producing and now - live.last_progress > self._stall_timeout:
+                    log.warning("model stalled on stream %s; ending it", live.stream_id)
+                    self.request_stop(
+                        live,
+                        Ending(
+                            StreamState.FAILED,
+                            EndReason.TIMEOUT,
+                            f"the model produced no token for {self._stall_timeout:g} s; "
+                            "the tokens produced before that are kept",
+                        ),
+                    )
+
+    async def _generate(
+        self, live: LiveStream, source: TokenSource, request: GenerationRequest
+    ) -> None:
+        try:
+            ending = await self._produce(live, source, request)
+        except asyncio.CancelledError:
+            # Cancelled from outside (event loop shutdown): still record how the stream ends.
+            self._writer.queue_end(live, live.stop_requested or SHUTDOWN)
+            self.live.pop(live.stream_id, None)
+            raise
+        try:
+            await self._writer.end(live, live.stop_requested or ending)
+        finally:
+            self.live.pop(live.stream_id, None)
+
+    async def _produce(
+        self, live: LiveStream, source: TokenSource, request: GenerationRequest
+    ) -> Ending:
+        """Feeds the source's tokens to the writer; returns how generation ended by itself."""
+        if live.stop_requested is not None:  # stopped before it started
+            return live.stop_requested
+        loop = asyncio.get_running_loop()
+        live.producing = True
+        produced = 0
+        tokens = source.generate(request)
+        try:
+            async for token in tokens:
+                live.last_progress = loop.time()
+                # Checked before every write: a cancelled stream gets no further token.
+                if live.stop_requested is not None:
+                    break
+                if not token:
+                    continue
+                _check_token(token)
+                if not self._writer.has_room:
+                    await self._writer.wait_for_room()
+                    live.last_progress = loop.time()  # waiting on the store is no stall
+                    if live.stop_requested is not None:
+                        break
+                self._writer.append(live, token)
+                produced += 1
+                if produced >= request.max_tokens:
+                    break
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if live.stop_requested is not None and current is not None:
+                # We cancelled ourselves to interrupt a source that was waiting for a token.
+                current.uncancel()
+            elif current is not None and current.cancelling():
+                raise
+            else:
+                return _model_failed("it raised CancelledError on its own")
+        except Exception as exc:
+            log.warning("model failed on stream %s: %r", live.stream_id, exc)
+            return _model_failed(str(exc) or type(exc).__name__)
+        finally:
+            live.producing = False
+            with contextlib.suppress(Exception):
+                # Lets the source release what it holds (e.g. an HTTP stream to a model).
+                close = getattr(tokens, "aclose", None)
+                if close is not None:
+                    await close()
+        return live.stop_requested or Ending(StreamState.COMPLETED)
+
+
+def _model_failed(detail: str) -> Ending:
+    return Ending(
+        StreamState.FAILED,
+        EndReason.MODEL_ERROR,
+        f"the model failed: {detail}; the tokens produced before that are kept",
+    )
+
+
+class _UnstorableToken(Exception):
+    pass
+
+
+def _check_token(token: object) -> None:
+    """Refuses model output no store can hold, before it can poison a group commit."""
+    if not isinstance(token, str):
+        raise _UnstorableToken(f"it produced a {type(token).__name__}, not text")
+    if "\x00" in token:
+        raise _UnstorableToken("it produced a NUL character")
+    try:
+        token.encode()
+    except UnicodeEncodeError as exc:
+        raise _UnstorableToken("it produced text that is not valid Unicode") from exc

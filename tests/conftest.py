@@ -34,13 +34,20 @@ async def start_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
     running: list[RunningServer] = []
 
     async def start(
-        *, token_rate: float = 0.0, database: str = "store.db", **engine: float | int
+        *,
+        token_rate: float = 0.0,
+        database: str = "store.db",
+        keepalive_time: float = 30.0,
+        keepalive_timeout: float = 10.0,
+        **engine: float | int,
     ) -> RunningServer:
         config = ServerConfig(
             port=0,
             database_url=f"sqlite+aiosqlite:///{tmp_path / database}",
             token_rate=token_rate,
             shutdown_grace=1.0,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
             engine=replace(EngineSettings(flush_interval=0.002), **engine),  # type: ignore[arg-type]
         )
         server, port = await create_server(config)

@@ -27,6 +27,8 @@ RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # gRPC 1.85 only drops the connection on an unanswered ping with this set as well.
+    ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]

@@ -104,6 +104,13 @@ def cli() -> None:
     default=None,
     help="Purge streams finished more than this many days ago, hourly (default: keep all).",
 )
+@click.option(
+    "--keepalive-time",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds between keepalive pings; an unanswered ping (10 s) drops the connection.",
+)
 @click.option("--max-generations", type=int, default=1000, show_default=True)
 @click.option("--max-generations-per-caller", type=int, default=100, show_default=True)
 @click.option("--max-subscribers-per-stream", type=int, default=1000, show_default=True)
@@ -125,6 +132,7 @@ def serve(
     stall_timeout: float,
     lease_ttl: float,
     retention_days: float | None,
+    keepalive_time: float,
     max_generations: int,
     max_generations_per_caller: int,
     max_subscribers_per_stream: int,
@@ -145,6 +153,7 @@ def serve(
         token_rate=token_rate,
         default_model=default_model,
         shutdown_grace=shutdown_grace,
+        keepalive_time=keepalive_time,
         engine=replace(
             base.engine,
             heartbeat_interval=heartbeat_interval,

@@ -109,6 +109,8 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         # network vanished is noticed even while its stream is quiet.
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * 1000)),
+        # gRPC 1.85 only drops the connection on an unanswered ping with this set as well.
+        ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # Accept client pings as often as clients are told to send them (see the client).

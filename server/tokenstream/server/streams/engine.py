@@ -318,6 +318,10 @@ class StreamEngine:
             )
         return self._counted(stream_id, from_seq)
 
+    def subscriber_count(self, stream_id: str) -> int:
+        """Open subscriptions of `stream_id` on this server."""
+        return self._subscribers[stream_id]
+
     async def _counted(self, stream_id: str, from_seq: int) -> AsyncGenerator[StreamEvent, None]:
         limit = self.settings.max_subscribers_per_stream
         if self._subscribers[stream_id] >= limit:

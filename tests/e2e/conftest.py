@@ -139,6 +139,9 @@ class ServerProcess:
             sqlite_url(db_path),
             "--token-rate",
             str(token_rate),
+            # Streams in these tests outlast any grace; keep SIGTERM tests quick.
+            "--shutdown-grace",
+            "1",
         ]
         if heartbeat_interval is not None:
             command += ["--heartbeat-interval", str(heartbeat_interval)]

@@ -52,7 +52,7 @@ async def make_engine(repo: MemoryStreamRepository) -> AsyncIterator[EngineFacto
 
     yield make
     for engine in engines:
-        await engine.stop()
+        await engine.stop(grace=0)
 
 
 async def collect(events: AsyncIterator[StreamEvent]) -> tuple[list[Chunk], End]:
@@ -261,13 +261,13 @@ async def test_stop_ends_running_streams_and_refuses_new_prompts(
     source.release(3)
     await wait_for_head(engine, sub.stream_id, 2)
     subscriber = asyncio.create_task(collect(await engine.subscribe(sub.stream_id, 0)))
-    await engine.stop()
+    await engine.stop(grace=0)
     chunks, end = await subscriber
     assert "".join(c.text for c in chunks) == "".join(TOKENS[:3])
     assert (end.state, end.reason) == (StreamState.FAILED, EndReason.SHUTDOWN)
     with pytest.raises(errors.Unavailable):
         await engine.submit(SubmitCommand(prompt="late"))
-    await engine.stop()  # twice is fine
+    await engine.stop(grace=0)  # twice is fine
 
 
 async def test_max_tokens_bounds_the_generation(make_engine: EngineFactory) -> None:
@@ -398,3 +398,20 @@ async def test_history_rejects_bad_paging(make_engine: EngineFactory) -> None:
     page = await engine.history(other.conversation_id, 1, "")
     with pytest.raises(errors.InvalidArgument):  # a token of another conversation
         await engine.history(sub.conversation_id, 1, page.next_page_token)
+
+
+async def test_stop_lets_generations_finish_within_the_grace(make_engine: EngineFactory) -> None:
+    source = ScriptedSource(TOKENS, gated=True)
+    engine = make_engine(source)
+    await engine.start()
+    sub = await engine.submit(SubmitCommand(prompt="hi"))
+    subscriber = asyncio.create_task(collect(await engine.subscribe(sub.stream_id, 0)))
+    stopping = asyncio.create_task(engine.stop(grace=5))
+    await asyncio.sleep(0.05)
+    with pytest.raises(errors.Unavailable):  # draining: no new prompts
+        await engine.submit(SubmitCommand(prompt="late"))
+    source.release(len(TOKENS))  # the model finishes during the grace period
+    chunks, end = await subscriber
+    await stopping
+    assert "".join(c.text for c in chunks) == "".join(TOKENS)
+    assert end.state is StreamState.COMPLETED

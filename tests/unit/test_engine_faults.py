@@ -61,7 +61,7 @@ async def test_cancel_right_after_submit_ends_the_stream(repo: FaultyRepository)
     async with asyncio.timeout(2):
         record = await engine.cancel(sub.stream_id)  # before the task ran a single step
     assert (record.state, record.head_seq) == (StreamState.CANCELLED, -1)
-    await engine.stop()
+    await engine.stop(grace=0)
 
 
 async def test_prompt_accepted_while_stopping_is_refused_and_ended(
@@ -73,14 +73,14 @@ async def test_prompt_accepted_while_stopping_is_refused_and_ended(
     submit = asyncio.create_task(engine.submit(SubmitCommand(prompt="hi", request_id="r-9")))
     await asyncio.sleep(0.02)
     async with asyncio.timeout(2):
-        await engine.stop()
+        await engine.stop(grace=0)
     with pytest.raises(errors.Unavailable):
         await submit
     record = await repo.find_by_request_id("r-9")
     assert record is not None
     assert (record.state, record.reason) == (StreamState.FAILED, EndReason.SHUTDOWN)
     async with asyncio.timeout(2):
-        await engine.stop()  # a second stop does not hang either
+        await engine.stop(grace=0)  # a second stop does not hang either
 
 
 async def test_commit_that_landed_but_failed_is_not_written_twice(
@@ -98,7 +98,7 @@ async def test_commit_that_landed_but_failed_is_not_written_twice(
         chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
     assert "".join(c.text for c in chunks) == "".join(TOKENS)
     assert end.state is StreamState.COMPLETED
-    await engine.stop()
+    await engine.stop(grace=0)
 
 
 async def test_outage_delays_tokens_but_loses_none(repo: FaultyRepository) -> None:
@@ -115,7 +115,7 @@ async def test_outage_delays_tokens_but_loses_none(repo: FaultyRepository) -> No
         chunks, end = await reader
     assert "".join(c.text for c in chunks) == "".join(TOKENS)
     assert end.state is StreamState.COMPLETED
-    await engine.stop()
+    await engine.stop(grace=0)
 
 
 class PoisonSource:
@@ -136,7 +136,7 @@ async def test_unstorable_model_output_fails_only_that_stream(repo: FaultyReposi
     assert bad_end.reason == EndReason.MODEL_ERROR
     assert "".join(c.text for c in good_chunks) == "".join(TOKENS)
     assert good_end.state is StreamState.COMPLETED
-    await engine.stop()
+    await engine.stop(grace=0)
 
 
 async def test_store_refusing_one_stream_does_not_stall_the_others(
@@ -162,7 +162,7 @@ async def test_store_refusing_one_stream_does_not_stall_the_others(
     assert "".join(c.text for c in chunks) == "".join(TOKENS)
     assert end.state is StreamState.COMPLETED
     assert (doomed_end.state, doomed_end.reason) == (StreamState.FAILED, "storage_error")
-    await engine.stop()
+    await engine.stop(grace=0)
 
 
 async def test_stop_finishes_even_when_the_store_is_down(repo: FaultyRepository) -> None:
@@ -175,7 +175,7 @@ async def test_stop_finishes_even_when_the_store_is_down(repo: FaultyRepository)
     reader = asyncio.create_task(collect(await engine.subscribe(sub.stream_id, 0)))
     repo.broken = OSError("disk full")
     async with asyncio.timeout(5):
-        await engine.stop(give_up_after=0.3)
+        await engine.stop(grace=0.3)
         chunks, end = await reader
     # Subscribers are released, with what was durable; nothing undurable was delivered.
     assert "".join(c.text for c in chunks) == "".join(TOKENS[:3])
@@ -196,7 +196,7 @@ async def test_source_raising_cancelled_error_fails_the_stream(repo: FaultyRepos
         chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
     assert [c.text for c in chunks] == [" one"]
     assert (end.state, end.reason) == (StreamState.FAILED, EndReason.MODEL_ERROR)
-    await engine.stop()
+    await engine.stop(grace=0)
 
 
 async def test_max_tokens_does_not_wait_for_an_extra_token(repo: FaultyRepository) -> None:
@@ -210,7 +210,7 @@ async def test_max_tokens_does_not_wait_for_an_extra_token(repo: FaultyRepositor
     assert "".join(c.text for c in chunks) == "".join(TOKENS[:2])
     assert (end.state, end.final_seq) == (StreamState.COMPLETED, 1)
     assert source.produced == 2
-    await engine.stop()
+    await engine.stop(grace=0)
 
 
 async def test_storage_outage_on_reads_is_unavailable(repo: FaultyRepository) -> None:
@@ -223,4 +223,4 @@ async def test_storage_outage_on_reads_is_unavailable(repo: FaultyRepository) ->
     repo.get_stream = down  # type: ignore[method-assign]
     with pytest.raises(errors.Unavailable):
         await engine.get_stream("strm_" + "a" * 26)
-    await engine.stop()
+    await engine.stop(grace=0)

@@ -31,7 +31,7 @@ async def engines() -> AsyncIterator[list[StreamEngine]]:
     made: list[StreamEngine] = []
     yield made
     for engine in made:
-        await engine.stop()
+        await engine.stop(grace=0)
 
 
 async def started(

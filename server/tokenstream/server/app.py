@@ -83,7 +83,7 @@ class TokenStreamServer:
         try:
             await self._health.enter_graceful_shutdown()
             # Ending generations first lets every subscriber receive its `end` in the grace.
-            await self.engine.stop(give_up_after=grace)
+            await self.engine.stop(grace)
         finally:
             try:
                 await self._grpc.stop(grace)

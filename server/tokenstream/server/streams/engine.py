@@ -120,19 +120,23 @@ class StreamEngine:
         self._accepting = True
         return interrupted
 
-    async def stop(self, give_up_after: float = 5.0) -> None:
-        """Ends running generations FAILED `shutdown`, writes everything pending, stops.
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stops taking prompts, lets running generations finish for up to `grace` seconds,
+        ends the rest FAILED `shutdown` at their last durable token, and writes everything.
 
-        If the store stays unreachable, pending writes are abandoned after `give_up_after`
-        seconds so that shutdown always finishes. Safe to call more than once.
+        Ending them (rather than handing them over) is deliberate: a token source cannot
+        resume a generation from the middle, so another server could only start it again.
+        If the store stays unreachable, pending writes are abandoned after `grace` seconds
+        so that shutdown always finishes. Safe to call more than once.
         """
         self._accepting = False
-        self._writer.begin_stop(give_up_after)
+        await self._generations.drain(grace)
+        self._writer.begin_stop(grace)
         if self._retention is not None:
             self._retention.cancel()
             await asyncio.gather(self._retention, return_exceptions=True)
         await self._generations.stop_all(SHUTDOWN)
-        await self._writer.stop(give_up_after)
+        await self._writer.stop(grace)
         await self._leases.stop()
 
     # -- submit --------------------------------------------------------------------------

@@ -63,6 +63,11 @@ class Generations:
             if live.producing and live.task is not None:
                 live.task.cancel()
 
+    async def drain(self, grace: float) -> None:
+        """Waits up to `grace` seconds for the running generations to finish by themselves."""
+        if self._tasks and grace > 0:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+
     async def stop_all(self, ending: Ending) -> None:
         """Stops every generation with `ending` and waits until each has ended."""
         while self._tasks:

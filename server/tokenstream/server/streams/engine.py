@@ -229,15 +229,15 @@ class StreamEngine:
         settings = self.settings
         if self._generations.count() >= settings.max_generations:
             raise ResourceExhausted(
-                f"this server is running {settings.max_generations} generations, its limit; "
-                "retry shortly or on another server",
+                f"this server is at its limit of {settings.max_generations} concurrent "
+                "generations; retry shortly or on another server",
                 reason="TOO_MANY_GENERATIONS",
                 metadata={"limit": str(settings.max_generations)},
             )
         if caller and self._generations.count(caller) >= settings.max_generations_per_caller:
             raise ResourceExhausted(
-                f"you have {settings.max_generations_per_caller} generations running, the "
-                "limit per caller; wait for one to finish or cancel one",
+                f"you are at the limit of {settings.max_generations_per_caller} concurrent "
+                "generations per caller; wait for one to finish or cancel one",
                 reason="TOO_MANY_GENERATIONS_FOR_CALLER",
                 metadata={"limit": str(settings.max_generations_per_caller)},
             )
@@ -330,7 +330,7 @@ class StreamEngine:
         limit = self.settings.max_subscribers_per_stream
         if self._subscribers[stream_id] >= limit:
             raise ResourceExhausted(
-                f"stream {stream_id} has {limit} subscribers on this server, its limit; "
+                f"stream {stream_id} is at its limit of {limit} subscribers on this server; "
                 "retry shortly or on another server",
                 reason="TOO_MANY_SUBSCRIBERS",
                 metadata={"limit": str(limit)},

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 
-from tokenstream.server.domain import StreamState
+from tokenstream.server.domain import StreamState, join_runs
 from tokenstream.server.storage.repository import StreamRepository
 from tokenstream.server.streams._store import get_record, guarded
 from tokenstream.server.streams.events import End, Heartbeat, StreamEvent
@@ -65,13 +65,13 @@ class Subscription:
         """Stored tokens from the current position up to `head_seq` (everything if terminal)."""
         max_chars = self._settings.max_chunk_chars
         runs = await guarded(self._repository.read_runs(self._stream_id, self._seq, max_chars))
-        for run in runs:
-            for chunk in run.chunks(self._seq, max_chars):
-                if chunk.end_seq > head_seq and not terminal:
-                    return
-                yield chunk
-                self._seq = chunk.end_seq + 1
-                self._last_sent = self._loop.time()
+        # One chunk for everything read (rollup), whatever batches it was committed in.
+        for chunk in join_runs(runs).chunks(self._seq, max_chars):
+            if chunk.end_seq > head_seq and not terminal:
+                return
+            yield chunk
+            self._seq = chunk.end_seq + 1
+            self._last_sent = self._loop.time()
 
     async def _follow_live(self, live: LiveStream) -> AsyncGenerator[StreamEvent, None]:
         settings = self._settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -223,4 +224,30 @@ async def test_storage_outage_on_reads_is_unavailable(repo: FaultyRepository) ->
     repo.get_stream = down  # type: ignore[method-assign]
     with pytest.raises(errors.Unavailable):
         await engine.get_stream("strm_" + "a" * 26)
+    await engine.stop(grace=0)
+
+
+class CountingRepository(MemoryStreamRepository):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_sizes: list[int] = []
+
+    async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
+        self.batch_sizes.append(sum(len(run.ends) for _, run in batch.runs))
+        return await super().commit(batch)
+
+
+async def test_commits_are_bounded_by_max_batch_tokens() -> None:
+    repo = CountingRepository()
+    many = [f" m{i}" for i in range(500)]
+    settings = replace(SETTINGS, max_batch_tokens=64, flush_interval=0.02)
+    engine = StreamEngine(repo, ModelRegistry({"s": ScriptedSource(many)}, "s"), settings)
+    await engine.start()
+    subs = [await engine.submit(SubmitCommand(prompt=f"p{i}", max_tokens=500)) for i in range(3)]
+    for sub in subs:
+        chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
+        assert "".join(c.text for c in chunks) == "".join(many)
+        assert end.final_seq == 499
+    assert max(repo.batch_sizes) == 64  # split, never larger
+    assert sum(repo.batch_sizes) == 1500
     await engine.stop(grace=0)

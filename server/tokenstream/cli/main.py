@@ -85,6 +85,20 @@ def cli() -> None:
     help="Seconds of quiet before a subscription gets a heartbeat.",
 )
 @click.option(
+    "--flush-interval",
+    type=float,
+    default=0.005,
+    show_default=True,
+    help="Minimum seconds between group commits of generated tokens.",
+)
+@click.option(
+    "--max-batch-tokens",
+    type=int,
+    default=10_000,
+    show_default=True,
+    help="Most tokens one group commit writes.",
+)
+@click.option(
     "--stall-timeout",
     type=float,
     default=60.0,
@@ -129,6 +143,8 @@ def serve(
     token_rate: float,
     default_model: str,
     heartbeat_interval: float,
+    flush_interval: float,
+    max_batch_tokens: int,
     stall_timeout: float,
     lease_ttl: float,
     retention_days: float | None,
@@ -157,6 +173,8 @@ def serve(
         engine=replace(
             base.engine,
             heartbeat_interval=heartbeat_interval,
+            flush_interval=flush_interval,
+            max_batch_tokens=max_batch_tokens,
             stall_timeout=stall_timeout,
             lease_ttl=lease_ttl,
             retention_days=retention_days,

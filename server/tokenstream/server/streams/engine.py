@@ -89,7 +89,12 @@ class StreamEngine:
         self._repository = repository
         self._models = models
         self.settings = settings = settings or EngineSettings()
-        self._writer = BatchWriter(repository, settings.flush_interval, settings.max_pending_tokens)
+        self._writer = BatchWriter(
+            repository,
+            settings.flush_interval,
+            settings.max_pending_tokens,
+            settings.max_batch_tokens,
+        )
         self._generations = Generations(
             self._writer, settings.stall_timeout, settings.live_tail_tokens
         )

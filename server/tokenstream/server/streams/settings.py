@@ -12,6 +12,8 @@ class EngineSettings:
     # Minimum spacing of group commits (seconds). A commit starts as soon as the previous one
     # returned and this much time has passed, so batches grow with load, not latency.
     flush_interval: float = 0.005
+    # Most tokens written by one commit; more waits for the next one (keeps commits short).
+    max_batch_tokens: int = 10_000
     # Generators wait when this many tokens are waiting for a commit (the store is behind).
     max_pending_tokens: int = 50_000
     # Upper bound on the text of one chunk sent to a subscriber (characters).

@@ -43,11 +43,16 @@ class BatchWriter:
     _SPLIT_AFTER = 3
 
     def __init__(
-        self, repository: StreamRepository, flush_interval: float, max_pending_tokens: int
+        self,
+        repository: StreamRepository,
+        flush_interval: float,
+        max_pending_tokens: int,
+        max_batch_tokens: int = 10_000,
     ) -> None:
         self._repository = repository
         self._flush_interval = flush_interval
         self._max_pending = max_pending_tokens
+        self._max_batch = max(max_batch_tokens, 1)
         self._pending: Batch = {}
         self._pending_tokens = 0
         self._wake = asyncio.Event()
@@ -128,7 +133,7 @@ class BatchWriter:
             if wait > 0 and not self._stopping:
                 await asyncio.sleep(wait)
             last_start = loop.time()
-            batch, self._pending = self._pending, {}
+            batch = self._take_batch()
             try:
                 self._apply(batch, await self._repository.commit(self._write_batch(batch)))
                 failures = 0
@@ -157,6 +162,26 @@ class BatchWriter:
             except Exception:
                 log.warning("could not read back the failed batch; retrying it", exc_info=True)
             self._requeue(batch)
+
+    def _take_batch(self) -> Batch:
+        """Up to `max_batch_tokens` pending tokens, oldest streams first; the rest waits."""
+        if self._pending_tokens <= self._max_batch:
+            everything, self._pending = self._pending, {}
+            return everything
+        batch: Batch = {}
+        budget = self._max_batch
+        for live in list(self._pending):
+            if budget <= 0:
+                break
+            pending = self._pending[live]
+            if len(pending.tokens) <= budget:
+                batch[live] = self._pending.pop(live)
+                budget -= len(pending.tokens)
+            else:  # split: the ending (if any) stays with the stream's later tokens
+                batch[live] = _Pending(tokens=pending.tokens[:budget])
+                pending.tokens = pending.tokens[budget:]
+                budget = 0
+        return batch
 
     def _write_batch(self, batch: Batch) -> WriteBatch:
         write = WriteBatch(at=datetime.now(UTC))

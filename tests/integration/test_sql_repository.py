@@ -102,13 +102,15 @@ async def test_ending_compacts_runs_into_one_row(
 ) -> None:
     tokens = ["a", "bb", "ccc", "dddd", "e"]
     await repo.commit(WriteBatch(NOW, runs=[(stream_id(0), TokenRun.from_tokens(0, tokens[:2]))]))
-    ended = await repo.commit(
-        WriteBatch(
-            NOW,
-            runs=[(stream_id(0), TokenRun.from_tokens(2, tokens[2:]))],
-            endings=[(stream_id(0), Ending(StreamState.COMPLETED))],
+    ended = (
+        await repo.commit(
+            WriteBatch(
+                NOW,
+                runs=[(stream_id(0), TokenRun.from_tokens(2, tokens[2:]))],
+                endings=[(stream_id(0), Ending(StreamState.COMPLETED))],
+            )
         )
-    )
+    ).terminal
     record = ended[stream_id(0)]
     assert set(ended) == {stream_id(0)}
     assert (record.state, record.head_seq, record.finished_at) == (StreamState.COMPLETED, 4, NOW)
@@ -125,13 +127,15 @@ async def test_ending_compacts_runs_into_one_row(
 
 async def test_first_ending_wins(repo: SqlStreamRepository) -> None:
     await repo.commit(WriteBatch(NOW, endings=[(stream_id(0), Ending(StreamState.CANCELLED))]))
-    late = await repo.commit(
-        WriteBatch(
-            NOW,
-            runs=[(stream_id(0), TokenRun.from_tokens(0, ["late"]))],
-            endings=[(stream_id(0), Ending(StreamState.COMPLETED))],
+    late = (
+        await repo.commit(
+            WriteBatch(
+                NOW,
+                runs=[(stream_id(0), TokenRun.from_tokens(0, ["late"]))],
+                endings=[(stream_id(0), Ending(StreamState.COMPLETED))],
+            )
         )
-    )
+    ).terminal
     # The batch reports the state the store holds; the late tokens were not stored.
     assert (late[stream_id(0)].state, late[stream_id(0)].head_seq) == (StreamState.CANCELLED, -1)
     record = await repo.get_stream(stream_id(0))
@@ -145,7 +149,34 @@ async def test_active_streams_are_absent_from_the_commit_result(
     result = await repo.commit(
         WriteBatch(NOW, runs=[(stream_id(0), TokenRun.from_tokens(0, ["a"]))])
     )
-    assert result == {}
+    assert result.terminal == {}
+
+
+async def test_creations_in_one_commit_succeed_or_fail_each_on_its_own(
+    repo: SqlStreamRepository,
+) -> None:
+    taken = replace(new_stream(1), request_id="dup")
+    await repo.create_stream(taken)
+    batch = WriteBatch(
+        NOW,
+        creations=[
+            replace(new_stream(2), request_id="dup"),  # request id taken
+            replace(new_stream(3), conversation_id="conv_" + "n" * 26),  # no such conversation
+            new_stream(4),
+        ],
+        runs=[(stream_id(0), TokenRun.from_tokens(0, ["ok"]))],
+    )
+    result = await repo.commit(batch)
+    assert isinstance(result.created[stream_id(2)], AlreadyExists)
+    assert isinstance(result.created[stream_id(3)], NotFound)
+    created = result.created[stream_id(4)]
+    assert not isinstance(created, Exception)
+    assert (created.stream_id, created.state) == (stream_id(4), StreamState.RUNNING)
+    assert (await repo.get_stream(stream_id(4))).prompt == "prompt 4"
+    assert (await repo.get_stream(stream_id(0))).head_seq == 0  # the rest of the batch landed
+    for missing in (stream_id(2), stream_id(3)):
+        with pytest.raises(NotFound):
+            await repo.get_stream(missing)
 
 
 async def test_reads_see_one_snapshot_while_a_stream_is_compacted(

@@ -224,10 +224,12 @@ async def test_quiet_stream_gets_heartbeats(make_engine: EngineFactory) -> None:
 async def test_failed_commit_is_retried_without_loss(
     make_engine: EngineFactory, repo: MemoryStreamRepository
 ) -> None:
-    repo.fail_next_commit = OSError("disk hiccup")
-    engine = make_engine()
+    source = ScriptedSource(TOKENS, gated=True)
+    engine = make_engine(source)
     await engine.start()
     sub = await engine.submit(SubmitCommand(prompt="hi"))
+    repo.fail_next_commit = OSError("disk hiccup")
+    source.release(len(TOKENS))
     chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
     assert "".join(c.text for c in chunks) == "".join(TOKENS)
     assert_contiguous(chunks)

@@ -16,7 +16,7 @@ from tokenstream.server.domain import EndReason, StreamRecord, StreamState
 from tokenstream.server.models import GenerationRequest, ModelRegistry, TokenSource
 from tokenstream.server.storage.errors import StorageUnavailable
 from tokenstream.server.storage.memory import MemoryStreamRepository
-from tokenstream.server.storage.repository import NewStream, WriteBatch
+from tokenstream.server.storage.repository import CommitResult, WriteBatch
 from tokenstream.server.streams import StreamEngine, SubmitCommand
 
 
@@ -27,15 +27,13 @@ class FaultyRepository(MemoryStreamRepository):
         super().__init__()
         self.broken: Exception | None = None  # every commit fails with this, unstored
         self.lose_ack_once = False  # the next commit with tokens lands, then raises
-        self.create_delay = 0.0
+        self.create_delay = 0.0  # commits that create streams take this long
         self.attempts = 0
 
-    async def create_stream(self, new: NewStream) -> StreamRecord:
-        await asyncio.sleep(self.create_delay)
-        return await super().create_stream(new)
-
-    async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
+    async def commit(self, batch: WriteBatch) -> CommitResult:
         self.attempts += 1
+        if batch.creations:
+            await asyncio.sleep(self.create_delay)
         if self.broken is not None:
             raise self.broken
         result = await super().commit(batch)
@@ -102,11 +100,26 @@ async def test_commit_that_landed_but_failed_is_not_written_twice(
     await engine.stop(grace=0)
 
 
-async def test_outage_delays_tokens_but_loses_none(repo: FaultyRepository) -> None:
+async def test_submit_during_an_outage_is_unavailable(repo: FaultyRepository) -> None:
     engine = engine_for(repo)
+    await engine.start()
     repo.broken = StorageUnavailable("database restarting")
+    with pytest.raises(errors.Unavailable):
+        await engine.submit(SubmitCommand(prompt="hi", request_id="retry-me"))
+    repo.broken = None
+    sub = await engine.submit(SubmitCommand(prompt="hi", request_id="retry-me"))  # the retry
+    _, end = await collect(await engine.subscribe(sub.stream_id, 0))
+    assert end.state is StreamState.COMPLETED
+    await engine.stop(grace=0)
+
+
+async def test_outage_delays_tokens_but_loses_none(repo: FaultyRepository) -> None:
+    source = ScriptedSource(TOKENS, gated=True)
+    engine = engine_for(repo, ("scripted", source))
     await engine.start()
     sub = await engine.submit(SubmitCommand(prompt="hi"))
+    repo.broken = StorageUnavailable("database restarting")
+    source.release(len(TOKENS))
     reader = asyncio.create_task(collect(await engine.subscribe(sub.stream_id, 0)))
     while repo.attempts < 3:  # noqa: ASYNC110  # the store offers no event to wait on
         await asyncio.sleep(0.01)
@@ -150,7 +163,7 @@ async def test_store_refusing_one_stream_does_not_stall_the_others(
     healthy = await engine.submit(SubmitCommand(prompt="healthy", model="scripted"))
     original = repo.commit
 
-    async def refuse_doomed(batch: WriteBatch) -> dict[str, StreamRecord]:
+    async def refuse_doomed(batch: WriteBatch) -> CommitResult:
         if any(sid == doomed.stream_id for sid, _ in batch.runs):
             raise ValueError("value too long for this column")
         return await original(batch)
@@ -232,7 +245,7 @@ class CountingRepository(MemoryStreamRepository):
         super().__init__()
         self.batch_sizes: list[int] = []
 
-    async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
+    async def commit(self, batch: WriteBatch) -> CommitResult:
         self.batch_sizes.append(sum(len(run.ends) for _, run in batch.runs))
         return await super().commit(batch)
 

@@ -8,7 +8,12 @@ from datetime import datetime
 
 from tokenstream.server.domain import Ending, StreamRecord, StreamState, TokenRun, Turn, join_runs
 from tokenstream.server.storage.errors import AlreadyExists, NotFound
-from tokenstream.server.storage.repository import NewStream, PurgeResult, WriteBatch
+from tokenstream.server.storage.repository import (
+    CommitResult,
+    NewStream,
+    PurgeResult,
+    WriteBatch,
+)
 
 
 @dataclass(slots=True)
@@ -37,6 +42,9 @@ class MemoryStreamRepository:
 
     async def create_stream(self, new: NewStream) -> StreamRecord:
         await asyncio.sleep(0)
+        return self._create(new)
+
+    def _create(self, new: NewStream) -> StreamRecord:
         if new.new_conversation:
             if new.conversation_id in self._conversations:
                 raise AlreadyExists(new.conversation_id)
@@ -79,7 +87,7 @@ class MemoryStreamRepository:
     async def conversation_exists(self, conversation_id: str) -> bool:
         return conversation_id in self._conversations
 
-    async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
+    async def commit(self, batch: WriteBatch) -> CommitResult:
         await asyncio.sleep(0)
         if self.fail_next_commit is not None:
             error, self.fail_next_commit = self.fail_next_commit, None
@@ -87,7 +95,16 @@ class MemoryStreamRepository:
         touched = [stream_id for stream_id, _ in batch.runs]
         touched += [stream_id for stream_id, _ in batch.endings]
         for stream_id in touched:  # all or nothing, like a transaction
-            self._get(stream_id)
+            if stream_id not in self._streams and all(
+                new.stream_id != stream_id for new in batch.creations
+            ):
+                raise NotFound(stream_id)
+        result = CommitResult()
+        for new in batch.creations:
+            try:
+                result.created[new.stream_id] = self._create(new)
+            except (NotFound, AlreadyExists) as exc:
+                result.created[new.stream_id] = exc
         active = {sid for sid in touched if not self._streams[sid].record.state.is_terminal}
         self.commits += 1
         for stream_id, run in batch.runs:
@@ -103,7 +120,10 @@ class MemoryStreamRepository:
             if stream_id in active:
                 self._end(stream_id, ending, batch.at)
                 active.discard(stream_id)
-        return {sid: self._streams[sid].record for sid in touched if sid not in active}
+        result.terminal.update(
+            (sid, self._streams[sid].record) for sid in touched if sid not in active
+        )
+        return result
 
     async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
         await asyncio.sleep(0)

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Protocol
 
 from tokenstream.server.domain import Ending, StreamRecord, TokenRun, Turn
+from tokenstream.server.storage.errors import StorageError
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +38,24 @@ class PurgeResult:
 class WriteBatch:
     """Everything one group commit writes, in one transaction.
 
-    `runs` are appended first, then `endings` are applied; an ending compacts the stream's
+    `creations` come first (each on its own: one that fails does not fail the others),
+    then `runs` are appended, then `endings` are applied; an ending compacts the stream's
     runs into one row (full text plus token boundaries) and deletes them.
     """
 
     at: datetime
+    creations: list[NewStream] = field(default_factory=list)
     runs: list[tuple[str, TokenRun]] = field(default_factory=list)
     endings: list[tuple[str, Ending]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CommitResult:
+    # The record of every stream of the batch that is terminal after it.
+    terminal: dict[str, StreamRecord] = field(default_factory=dict)
+    # Per creation (by stream id): the new record, or why it was not created
+    # (NotFound: no such conversation; AlreadyExists: the request id is taken).
+    created: dict[str, StreamRecord | StorageError] = field(default_factory=dict)
 
 
 class StreamRepository(Protocol):
@@ -63,13 +75,13 @@ class StreamRepository(Protocol):
 
     async def conversation_exists(self, conversation_id: str) -> bool: ...
 
-    async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
-        """Writes the batch atomically; returns the record of every stream of the batch that
-        is terminal afterwards.
+    async def commit(self, batch: WriteBatch) -> CommitResult:
+        """Writes the batch in one transaction.
 
-        Runs for a stream that has already ended are not stored (its record says where its
-        tokens stop), and an ending for such a stream changes nothing: the first ending wins.
-        Streams absent from the result are still active and all their runs are stored.
+        Runs for a stream that has already ended are not stored (its record in
+        `terminal` says where its tokens stop), and an ending for such a stream changes
+        nothing: the first ending wins. Streams of the batch absent from `terminal` are
+        still active and all their runs are stored.
         """
         ...
 

@@ -173,7 +173,7 @@ class StreamEngine:
             lease_expires_at=self._leases.expires_at(),
         )
         try:
-            record = await guarded(self._repository.create_stream(new))
+            record = await guarded(self._writer.create(new))
         except storage_errors.NotFound as exc:
             raise NotFound(
                 f"conversation {command.conversation_id} does not exist; leave "
@@ -265,10 +265,10 @@ class StreamEngine:
 
     async def _cancel_in_store(self, stream_id: str) -> StreamRecord:
         """Cancels a stream generated elsewhere: its generator sees it at its next commit."""
-        terminal = await guarded(
+        result = await guarded(
             self._repository.commit(WriteBatch(at=_now(), endings=[(stream_id, CANCELLED)]))
         )
-        return terminal.get(stream_id) or await get_record(self._repository, stream_id)
+        return result.terminal.get(stream_id) or await get_record(self._repository, stream_id)
 
     # -- reads ---------------------------------------------------------------------------
 

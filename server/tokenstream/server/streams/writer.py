@@ -19,8 +19,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from tokenstream.server.domain import Ending, StreamRecord, StreamState, TokenRun
-from tokenstream.server.storage.errors import StorageUnavailable
-from tokenstream.server.storage.repository import StreamRepository, WriteBatch
+from tokenstream.server.storage.errors import StorageError, StorageUnavailable
+from tokenstream.server.storage.repository import (
+    CommitResult,
+    NewStream,
+    StreamRepository,
+    WriteBatch,
+)
 from tokenstream.server.streams.live import LiveStream
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,7 @@ class _Pending:
 
 
 Batch = dict[LiveStream, _Pending]
+Creations = list[tuple[NewStream, "asyncio.Future[StreamRecord]"]]
 
 
 class BatchWriter:
@@ -55,6 +61,9 @@ class BatchWriter:
         self._max_batch = max(max_batch_tokens, 1)
         self._pending: Batch = {}
         self._pending_tokens = 0
+        # New streams wait for the next group commit too: one transaction creates many, and
+        # creation never competes with token writes for the database's write lock.
+        self._creations: Creations = []
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -87,6 +96,14 @@ class BatchWriter:
         while not self.has_room:
             self._room.clear()
             await self._room.wait()
+
+    async def create(self, new: NewStream) -> StreamRecord:
+        """Creates the stream in the next commit. Raises the repository's NotFound or
+        AlreadyExists for it, or StorageUnavailable when that commit fails."""
+        created: asyncio.Future[StreamRecord] = asyncio.get_running_loop().create_future()
+        self._creations.append((new, created))
+        self._wake.set()
+        return await created
 
     def append(self, live: LiveStream, token: str) -> None:
         """Queues one token of `live` for the next commit."""
@@ -123,7 +140,7 @@ class BatchWriter:
         last_start = float("-inf")
         failures = 0
         while True:
-            if not self._pending:
+            if not self._pending and not self._creations:
                 if self._closing:
                     return
                 self._wake.clear()
@@ -134,11 +151,17 @@ class BatchWriter:
                 await asyncio.sleep(wait)
             last_start = loop.time()
             batch = self._take_batch()
+            creations, self._creations = self._creations, []
             try:
-                self._apply(batch, await self._repository.commit(self._write_batch(batch)))
+                result = await self._repository.commit(self._write_batch(batch, creations))
+                self._apply(batch, result.terminal)
+                _settle(creations, result)
                 failures = 0
                 continue
             except Exception as exc:
+                # Whether they landed is unknown: the callers say UNAVAILABLE, and their
+                # retries (same request_id) find the stream if it exists.
+                _fail(creations, exc)
                 failures += 1
                 outage = isinstance(exc, StorageUnavailable)
                 delay = self._BACKOFF[min(failures, len(self._BACKOFF)) - 1]
@@ -183,8 +206,9 @@ class BatchWriter:
                 budget = 0
         return batch
 
-    def _write_batch(self, batch: Batch) -> WriteBatch:
+    def _write_batch(self, batch: Batch, creations: Creations | None = None) -> WriteBatch:
         write = WriteBatch(at=datetime.now(UTC))
+        write.creations = [new for new, _ in creations or ()]
         for live, pending in batch.items():
             if pending.tokens:
                 start = live.head_seq + 1
@@ -243,7 +267,9 @@ class BatchWriter:
         for live, pending in batch.items():
             single = {live: pending}
             try:
-                self._apply(single, await self._repository.commit(self._write_batch(single)))
+                self._apply(
+                    single, (await self._repository.commit(self._write_batch(single))).terminal
+                )
             except StorageUnavailable:
                 remaining[live] = pending
             except Exception as exc:
@@ -261,6 +287,8 @@ class BatchWriter:
 
     def _abandon(self, batch: Batch) -> None:
         """At shutdown past the deadline: stop waiting for the store, release every waiter."""
+        creations, self._creations = self._creations, []
+        _fail(creations, StorageUnavailable("shutting down with the database unreachable"))
         everything = dict(batch)
         for live, pending in self._pending.items():
             everything.setdefault(live, _Pending()).tokens.extend(pending.tokens)
@@ -293,3 +321,21 @@ class BatchWriter:
             merged = self._pending.setdefault(live, _Pending())
             merged.tokens.extend(pending.tokens)
             merged.ending = pending.ending or merged.ending
+
+
+def _settle(creations: Creations, result: CommitResult) -> None:
+    for new, created in creations:
+        if created.done():  # the caller went away
+            continue
+        outcome = result.created.get(new.stream_id)
+        if isinstance(outcome, StreamRecord):
+            created.set_result(outcome)
+        else:
+            created.set_exception(outcome or StorageError(f"{new.stream_id} was not created"))
+
+
+def _fail(creations: Creations, error: Exception) -> None:
+    for _new, created in creations:
+        if not created.done():
+            unavailable = StorageUnavailable(f"the stream could not be created: {error!r}")
+            created.set_exception(unavailable)

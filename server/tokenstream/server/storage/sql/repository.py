@@ -21,8 +21,18 @@ from tokenstream.server.domain import (
     decode_ends,
     join_runs,
 )
-from tokenstream.server.storage.errors import AlreadyExists, NotFound, StorageUnavailable
-from tokenstream.server.storage.repository import NewStream, PurgeResult, WriteBatch
+from tokenstream.server.storage.errors import (
+    AlreadyExists,
+    NotFound,
+    StorageError,
+    StorageUnavailable,
+)
+from tokenstream.server.storage.repository import (
+    CommitResult,
+    NewStream,
+    PurgeResult,
+    WriteBatch,
+)
 from tokenstream.server.storage.sql.database import WRITE_OPTION
 from tokenstream.server.storage.sql.schema import conversations, streams, token_runs
 
@@ -58,6 +68,37 @@ async def _unavailable_on_outage() -> AsyncIterator[None]:
         raise
 
 
+def _stream_row(new: NewStream) -> dict[str, Any]:
+    return {
+        "stream_id": new.stream_id,
+        "conversation_id": new.conversation_id,
+        "request_id": new.request_id,
+        "request_hash": new.request_hash,
+        "prompt": new.prompt,
+        "model": new.model,
+        "max_tokens": new.max_tokens,
+        "state": StreamState.RUNNING.value,
+        "created_at": new.created_at,
+        "owner_id": new.owner_id,
+        "lease_expires_at": new.lease_expires_at,
+    }
+
+
+def _new_record(new: NewStream) -> StreamRecord:
+    return StreamRecord(
+        stream_id=new.stream_id,
+        conversation_id=new.conversation_id,
+        prompt=new.prompt,
+        model=new.model,
+        max_tokens=new.max_tokens,
+        request_id=new.request_id,
+        request_hash=new.request_hash,
+        state=StreamState.RUNNING,
+        head_seq=-1,
+        created_at=new.created_at,
+    )
+
+
 class SqlStreamRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -82,43 +123,72 @@ class SqlStreamRepository:
     async def create_stream(self, new: NewStream) -> StreamRecord:
         try:
             async with self._write() as conn:
-                if new.new_conversation:
-                    await conn.execute(
-                        insert(conversations).values(
-                            conversation_id=new.conversation_id, created_at=new.created_at
-                        )
-                    )
-                elif not await self._conversation_exists(conn, new.conversation_id):
-                    raise NotFound(new.conversation_id)
-                await conn.execute(
-                    insert(streams).values(
-                        stream_id=new.stream_id,
-                        conversation_id=new.conversation_id,
-                        request_id=new.request_id,
-                        request_hash=new.request_hash,
-                        prompt=new.prompt,
-                        model=new.model,
-                        max_tokens=new.max_tokens,
-                        state=StreamState.RUNNING.value,
-                        created_at=new.created_at,
-                        owner_id=new.owner_id,
-                        lease_expires_at=new.lease_expires_at,
-                    )
-                )
+                await self._create(conn, new)
         except sa_exc.IntegrityError as exc:
             raise AlreadyExists(new.request_id or new.stream_id) from exc
-        return StreamRecord(
-            stream_id=new.stream_id,
-            conversation_id=new.conversation_id,
-            prompt=new.prompt,
-            model=new.model,
-            max_tokens=new.max_tokens,
-            request_id=new.request_id,
-            request_hash=new.request_hash,
-            state=StreamState.RUNNING,
-            head_seq=-1,
-            created_at=new.created_at,
+        return _new_record(new)
+
+    @classmethod
+    async def _create_many(
+        cls, conn: AsyncConnection, creations: list[NewStream]
+    ) -> dict[str, StreamRecord | StorageError]:
+        """Creates many streams with a few statements; one that fails fails alone."""
+        named = {new.conversation_id for new in creations if not new.new_conversation}
+        known = set(
+            (
+                await conn.scalars(
+                    select(conversations.c.conversation_id).where(
+                        conversations.c.conversation_id.in_(named)
+                    )
+                )
+            ).all()
+            if named
+            else ()
         )
+        outcome: dict[str, StreamRecord | StorageError] = {}
+        valid = []
+        for new in creations:
+            if new.new_conversation or new.conversation_id in known:
+                valid.append(new)
+            else:
+                outcome[new.stream_id] = NotFound(new.conversation_id)
+        try:
+            async with conn.begin_nested():
+                fresh = [
+                    {"conversation_id": n.conversation_id, "created_at": n.created_at}
+                    for n in valid
+                    if n.new_conversation
+                ]
+                if fresh:
+                    await conn.execute(insert(conversations), fresh)
+                if valid:
+                    await conn.execute(insert(streams), [_stream_row(n) for n in valid])
+        except sa_exc.IntegrityError:
+            # Someone's request id is taken (a retry racing its original): one at a time.
+            for new in valid:
+                try:
+                    async with conn.begin_nested():
+                        await cls._create(conn, new)
+                    outcome[new.stream_id] = _new_record(new)
+                except NotFound as exc:
+                    outcome[new.stream_id] = exc
+                except sa_exc.IntegrityError:
+                    outcome[new.stream_id] = AlreadyExists(new.request_id or new.stream_id)
+            return outcome
+        outcome.update((new.stream_id, _new_record(new)) for new in valid)
+        return outcome
+
+    @classmethod
+    async def _create(cls, conn: AsyncConnection, new: NewStream) -> None:
+        if new.new_conversation:
+            await conn.execute(
+                insert(conversations).values(
+                    conversation_id=new.conversation_id, created_at=new.created_at
+                )
+            )
+        elif not await cls._conversation_exists(conn, new.conversation_id):
+            raise NotFound(new.conversation_id)
+        await conn.execute(insert(streams).values(**_stream_row(new)))
 
     async def get_stream(self, stream_id: str) -> StreamRecord:
         async with self._read() as conn:
@@ -142,11 +212,16 @@ class SqlStreamRepository:
         async with self._read() as conn:
             return await self._conversation_exists(conn, conversation_id)
 
-    async def commit(self, batch: WriteBatch) -> dict[str, StreamRecord]:
+    async def commit(self, batch: WriteBatch) -> CommitResult:
         touched = {stream_id for stream_id, _ in batch.runs}
         touched.update(stream_id for stream_id, _ in batch.endings)
-        terminal: dict[str, StreamRecord] = {}
+        result = CommitResult()
+        terminal = result.terminal
         async with self._write() as conn:
+            if batch.creations:
+                result.created = await self._create_many(conn, batch.creations)
+            if not touched:
+                return result
             active = set(
                 (
                     await conn.scalars(
@@ -181,7 +256,7 @@ class SqlStreamRepository:
                 ).first()
                 if row is not None:
                     terminal[stream_id] = await self._record(conn, row)
-        return terminal
+        return result
 
     async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
         async with self._read() as conn:

@@ -107,14 +107,19 @@ class ServerProcess:
         *,
         heartbeat_interval: float | None = None,
         extra_args: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> int:
-        """Starts the server on `db_path` and returns its port once it answers health checks."""
+        """Starts the server on `db_path` and returns its port once it answers health checks.
+
+        `port` pins the port (e.g. to restart where clients expect the server); otherwise a
+        free one is picked.
+        """
         if self.running:
             raise RuntimeError("the server is already running; kill or terminate it first")
         error: ServerStartError | None = None
         for _ in range(START_ATTEMPTS):
             try:
-                return self._start_once(db_path, token_rate, heartbeat_interval, extra_args)
+                return self._start_once(db_path, token_rate, heartbeat_interval, extra_args, port)
             except ServerStartError as exc:
                 error = exc
         assert error is not None
@@ -126,8 +131,9 @@ class ServerProcess:
         token_rate: float,
         heartbeat_interval: float | None,
         extra_args: tuple[str, ...],
+        fixed_port: int | None = None,
     ) -> int:
-        port = free_port()
+        port = fixed_port or free_port()
         command = [
             *tokenstream_command(),
             "serve",

@@ -1,23 +1,40 @@
-"""Python client for tokenstream: submit prompts and read streams that resume by themselves."""
+"""Python client for tokenstream.
 
-from tokenstream.client._client import (
+`TokenStreamClient` (async) and `TokenStreamSyncClient` (blocking): submit prompts with
+safe retries, and read streams that resume by themselves, on the same server or a replica,
+so every token arrives exactly once and in order.
+"""
+
+from tokenstream.client._client import TERMINAL_REASONS, TokenStreamClient
+from tokenstream.client._endpoints import ConnectionOptions
+from tokenstream.client._errors import RetriesExhausted, TokenStreamClientError
+from tokenstream.client._retry import RETRYABLE_CODES, TERMINAL_CODES, RetryPolicy
+from tokenstream.client._sync import TokenStreamSyncClient
+from tokenstream.client._types import (
     CancelResult,
     Chunk,
+    Reconnect,
     StreamEnd,
     StreamInfo,
     Submitted,
-    TokenStreamClient,
     Turn,
 )
-from tokenstream.client._errors import TokenStreamClientError
 
 __all__ = [
+    "RETRYABLE_CODES",
+    "TERMINAL_CODES",
+    "TERMINAL_REASONS",
     "CancelResult",
     "Chunk",
+    "ConnectionOptions",
+    "Reconnect",
+    "RetriesExhausted",
+    "RetryPolicy",
     "StreamEnd",
     "StreamInfo",
     "Submitted",
     "TokenStreamClient",
     "TokenStreamClientError",
+    "TokenStreamSyncClient",
     "Turn",
 ]

@@ -1,120 +1,75 @@
-"""The async client."""
+"""The async client: safe retries, and streams that resume by themselves."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any
 
 import grpc
 
-from tokenstream.client._errors import TokenStreamClientError
+from tokenstream.client._endpoints import ConnectionOptions, Endpoints
+from tokenstream.client._errors import RetriesExhausted, TokenStreamClientError
+from tokenstream.client._retry import RETRYABLE_CODES, RetryPolicy
+from tokenstream.client._types import (
+    CancelResult,
+    Chunk,
+    Reconnect,
+    StreamEnd,
+    StreamInfo,
+    Submitted,
+    Turn,
+    state_name,
+)
 from tokenstream.v1 import tokenstream_pb2 as pb
-from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
+# Errors whose code is retryable but whose cause a retry cannot remove.
+TERMINAL_REASONS = frozenset({"TOO_MANY_GENERATIONS_FOR_CALLER", "REQUEST_ID_REUSED"})
 
-# Codes after which re-sending the same request can succeed; everything else is final.
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
-
-# Keepalive pings every 20 s (the server accepts one per 10 s) so a connection to a dead or
-# unreachable server fails within ~30 s even when its stream is quiet.
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    # gRPC 1.85 only drops the connection on an unanswered ping with this set as well.
-    ("grpc.http2.ping_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def _state_name(value: pb.StreamState.ValueType) -> str:
-    return pb.StreamState.Name(value).removeprefix("STREAM_STATE_")
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    stream_id: str
-    conversation_id: str
-    model: str
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    start_seq: int
-    end_seq: int
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnd:
-    state: str  # COMPLETED, CANCELLED or FAILED
-    final_seq: int
-    reason: str = ""
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class CancelResult:
-    state: str
-    final_seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    stream_id: str
-    prompt: str
-    response: str
-    state: str
-    model: str
-    head_seq: int
-    created_at: datetime
-    finished_at: datetime | None
-    reason: str
-    error: str
-
-    @classmethod
-    def from_proto(cls, turn: pb.Turn) -> Turn:
-        return cls(
-            stream_id=turn.stream_id,
-            prompt=turn.prompt,
-            response=turn.response,
-            state=_state_name(turn.state),
-            model=turn.model,
-            head_seq=turn.head_seq,
-            created_at=turn.created_at.ToDatetime(),
-            finished_at=turn.finished_at.ToDatetime() if turn.HasField("finished_at") else None,
-            reason=turn.reason,
-            error=turn.error,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class StreamInfo:
-    conversation_id: str
-    turn: Turn
+class _Silent(Exception):
+    """No message (not even a heartbeat) arrived within the heartbeat timeout."""
 
 
 class TokenStreamClient:
-    """Calls one tokenstream server. Use as `async with TokenStreamClient(target) as client`."""
+    """Client for one server or several replicas. Use as `async with TokenStreamClient(...)`.
+
+    - `targets`: one address or a list of replicas; after a failure the client moves on to
+      the next one and resumes there.
+    - `timeout`: deadline of each unary call (seconds).
+    - `heartbeat_timeout`: a subscription that receives nothing (not even a heartbeat) for
+      this long is treated as dead and resumed (default: 3 server heartbeat intervals).
+    - `on_reconnect`: called before each reconnection, e.g. to show a notice.
+    """
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        targets: str | Sequence[str] = DEFAULT_TARGET,
         *,
-        max_resumes: int = 5,
+        options: ConnectionOptions | None = None,
+        retry: RetryPolicy | None = None,
         timeout: float | None = 30.0,
+        heartbeat_timeout: float = 30.0,
+        on_reconnect: Callable[[Reconnect], None] | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.TokenStreamServiceStub(self._channel)
-        self._max_resumes = max_resumes
-        self._timeout = timeout
+        self.options = options or ConnectionOptions()
+        self._endpoints = Endpoints(
+            [targets] if isinstance(targets, str) else targets, self.options
+        )
+        self.retry = retry or RetryPolicy()
+        self.timeout = timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.on_reconnect = on_reconnect
+        self._metadata = self.options.metadata()
+
+    @property
+    def target(self) -> str:
+        """The server in use now."""
+        return self._endpoints.target
 
     async def __aenter__(self) -> TokenStreamClient:
         return self
@@ -128,89 +83,48 @@ class TokenStreamClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._endpoints.close()
+
+    # -- calls ----------------------------------------------------------------------------
 
     async def submit(
         self,
         prompt: str,
         *,
-        conversation_id: str = "",
+        conversation_id: str | None = None,
         request_id: str | None = None,
-        model: str = "",
+        model: str | None = None,
         max_tokens: int = 0,
     ) -> Submitted:
-        """Starts a generation. Retried on UNAVAILABLE: the request_id makes that safe."""
+        """Starts a generation. Retries are safe: they carry the same `request_id`."""
         request = pb.SubmitPromptRequest(
             prompt=prompt,
-            conversation_id=conversation_id,
+            conversation_id=conversation_id or "",
             request_id=request_id or str(uuid.uuid4()),
-            model=model,
+            model=model or "",
             max_tokens=max_tokens,
         )
-        response = await self._unary(self._stub.SubmitPrompt, request)
-        return Submitted(response.stream_id, response.conversation_id, response.model)
-
-    async def stream(self, stream_id: str, from_seq: int = 0) -> AsyncIterator[Chunk | StreamEnd]:
-        """Yields the stream's chunks from `from_seq`, then its end.
-
-        When the connection drops, re-subscribes from the last `end_seq + 1`, so every token
-        arrives exactly once and in order.
-        """
-        next_seq = from_seq
-        resumes = 0
-        while True:
-            call = self._stub.Subscribe(pb.SubscribeRequest(stream_id=stream_id, from_seq=next_seq))
-            try:
-                async for message in call:
-                    kind = message.WhichOneof("event")
-                    if kind == "chunk":
-                        chunk = message.chunk
-                        if chunk.end_seq < next_seq or chunk.start_seq != next_seq:
-                            raise TokenStreamClientError(
-                                grpc.StatusCode.DATA_LOSS,
-                                f"expected seq {next_seq}, got {chunk.start_seq}..{chunk.end_seq}",
-                            )
-                        next_seq = chunk.end_seq + 1
-                        resumes = 0
-                        yield Chunk(chunk.start_seq, chunk.end_seq, chunk.text)
-                    elif kind == "end":
-                        end = message.end
-                        if end.final_seq >= next_seq:
-                            raise TokenStreamClientError(
-                                grpc.StatusCode.DATA_LOSS,
-                                f"the stream ended at seq {end.final_seq} but tokens from "
-                                f"{next_seq} on never arrived",
-                            )
-                        yield StreamEnd(
-                            _state_name(end.state), end.final_seq, end.reason, end.error
-                        )
-                        return
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE_CODES or resumes >= self._max_resumes:
-                    raise TokenStreamClientError.from_rpc_error(error) from error
-                resumes += 1
-                await asyncio.sleep(min(0.1 * 2**resumes, 2.0))
-                continue
-            finally:
-                call.cancel()
-            raise TokenStreamClientError(
-                grpc.StatusCode.DATA_LOSS, "the subscription ended without an end message"
-            )
+        reply: pb.SubmitPromptResponse = await self._unary("SubmitPrompt", request)
+        return Submitted(reply.stream_id, reply.conversation_id, reply.model)
 
     async def cancel(self, stream_id: str) -> CancelResult:
-        response = await self._unary(self._stub.Cancel, pb.CancelRequest(stream_id=stream_id))
-        return CancelResult(_state_name(response.state), response.final_seq)
+        reply: pb.CancelResponse = await self._unary(
+            "Cancel", pb.CancelRequest(stream_id=stream_id)
+        )
+        return CancelResult(state_name(reply.state), reply.final_seq)
 
     async def get_stream(self, stream_id: str) -> StreamInfo:
-        response = await self._unary(self._stub.GetStream, pb.GetStreamRequest(stream_id=stream_id))
-        return StreamInfo(response.conversation_id, Turn.from_proto(response.stream))
+        reply: pb.GetStreamResponse = await self._unary(
+            "GetStream", pb.GetStreamRequest(stream_id=stream_id)
+        )
+        return StreamInfo(reply.conversation_id, Turn.from_proto(reply.stream))
 
     async def history(self, conversation_id: str, page_size: int = 0) -> AsyncIterator[Turn]:
         """All turns of a conversation, oldest first, fetching pages as needed."""
         token = ""
         while True:
-            page = await self._unary(
-                self._stub.GetHistory,
+            page: pb.GetHistoryResponse = await self._unary(
+                "GetHistory",
                 pb.GetHistoryRequest(
                     conversation_id=conversation_id, page_size=page_size, page_token=token
                 ),
@@ -221,15 +135,99 @@ class TokenStreamClient:
             if not token:
                 return
 
-    async def _unary(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req
-    ) -> Resp:
-        attempts = 0
+    async def stream(
+        self, stream_id: str, from_seq: int = 0
+    ) -> AsyncGenerator[Chunk | StreamEnd, None]:
+        """Yields the stream's chunks from `from_seq` on, then its `StreamEnd`.
+
+        Every token arrives exactly once and in order: when the connection fails, the
+        server restarts or goes silent, the client re-subscribes (to the next replica, if
+        several were given) from the last `end_seq + 1`. Raises `RetriesExhausted` when that
+        keeps failing, and `TokenStreamClientError` for errors a retry cannot fix.
+        """
+        next_seq = from_seq
+        attempt = 0
         while True:
+            call = self._endpoints.stub().Subscribe(
+                pb.SubscribeRequest(stream_id=stream_id, from_seq=next_seq),
+                metadata=self._metadata,
+            )
             try:
-                return await method(request, timeout=self._timeout)
-            except grpc.aio.AioRpcError as error:
-                attempts += 1
-                if error.code() not in RETRYABLE_CODES or attempts > self._max_resumes:
-                    raise TokenStreamClientError.from_rpc_error(error) from error
-                await asyncio.sleep(min(0.1 * 2**attempts, 2.0))
+                while True:
+                    try:
+                        async with asyncio.timeout(self.heartbeat_timeout):
+                            message = await call.read()
+                    except TimeoutError:
+                        raise _Silent from None
+                    if message is grpc.aio.EOF:
+                        # The server closed the stream without its `end`: resume elsewhere.
+                        raise _Silent
+                    assert isinstance(message, pb.SubscribeResponse)
+                    kind = message.WhichOneof("event")
+                    attempt = 0  # the server is alive: the retry budget starts over
+                    if kind == "chunk":
+                        chunk = message.chunk
+                        if chunk.start_seq != next_seq or chunk.end_seq < chunk.start_seq:
+                            raise TokenStreamClientError(
+                                grpc.StatusCode.DATA_LOSS,
+                                f"expected seq {next_seq}, got {chunk.start_seq}..{chunk.end_seq}",
+                            )
+                        next_seq = chunk.end_seq + 1
+                        yield Chunk(chunk.start_seq, chunk.end_seq, chunk.text)
+                    elif kind == "end":
+                        yield _checked_end(message.end, next_seq)
+                        return
+            except grpc.aio.AioRpcError as rpc_error:
+                error = TokenStreamClientError.from_rpc_error(rpc_error)
+                if not _retryable(error):
+                    raise error from rpc_error
+                cause = f"{error.code.name}: {error.message}"
+            except _Silent:
+                error = TokenStreamClientError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no message or heartbeat from {self.target} for {self.heartbeat_timeout:g} s",
+                )
+                cause = error.message
+            finally:
+                call.cancel()
+            attempt += 1
+            await self._before_retry(attempt, error, cause, next_seq)
+
+    # -- retries ---------------------------------------------------------------------------
+
+    async def _unary(self, method: str, request: Any) -> Any:
+        attempt = 0
+        while True:
+            call = getattr(self._endpoints.stub(), method)
+            try:
+                return await call(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.aio.AioRpcError as rpc_error:
+                error = TokenStreamClientError.from_rpc_error(rpc_error)
+                if not _retryable(error):
+                    raise error from rpc_error
+                attempt += 1
+                await self._before_retry(attempt, error, f"{error.code.name}", None)
+
+    async def _before_retry(
+        self, attempt: int, error: TokenStreamClientError, cause: str, from_seq: int | None
+    ) -> None:
+        if attempt >= self.retry.max_attempts:
+            raise RetriesExhausted(attempt, error) from error
+        self._endpoints.next()
+        delay = self.retry.backoff(attempt)
+        if self.on_reconnect is not None and from_seq is not None:
+            self.on_reconnect(Reconnect(attempt, cause, self.target, from_seq, delay))
+        await asyncio.sleep(delay)
+
+
+def _retryable(error: TokenStreamClientError) -> bool:
+    return error.code in RETRYABLE_CODES and error.reason not in TERMINAL_REASONS
+
+
+def _checked_end(end: pb.StreamEnd, next_seq: int) -> StreamEnd:
+    if end.final_seq >= next_seq:
+        raise TokenStreamClientError(
+            grpc.StatusCode.DATA_LOSS,
+            f"the stream ended at seq {end.final_seq} but tokens from {next_seq} on never arrived",
+        )
+    return StreamEnd(state_name(end.state), end.final_seq, end.reason, end.error)

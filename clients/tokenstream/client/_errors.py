@@ -1,4 +1,8 @@
-"""The client's exception, carrying the gRPC code and the server's ErrorInfo reason."""
+"""The client's exceptions: each carries the gRPC code and the server's ErrorInfo reason.
+
+TokenStreamClientError          any failed call (code, reason, message, metadata)
+└── RetriesExhausted            retryable failures went on past the retry budget
+"""
 
 from __future__ import annotations
 
@@ -33,3 +37,17 @@ class TokenStreamClientError(Exception):
                     if detail.Unpack(info):
                         reason, metadata = info.reason, dict(info.metadata)
         return cls(error.code(), error.details() or "", reason, metadata)
+
+
+class RetriesExhausted(TokenStreamClientError):
+    """The call kept failing in ways worth retrying, until the retry budget ran out."""
+
+    def __init__(self, attempts: int, last: TokenStreamClientError) -> None:
+        super().__init__(
+            last.code,
+            f"gave up after {attempts} attempts; last error: {last.message}",
+            last.reason,
+            last.metadata,
+        )
+        self.attempts = attempts
+        self.last = last

@@ -1,0 +1,91 @@
+"""What the client returns: plain, typed values (no protobuf messages)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from tokenstream.v1 import tokenstream_pb2 as pb
+
+
+def state_name(value: pb.StreamState.ValueType) -> str:
+    """`STREAM_STATE_COMPLETED` -> `COMPLETED`."""
+    return pb.StreamState.Name(value).removeprefix("STREAM_STATE_")
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    stream_id: str
+    conversation_id: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Tokens `start_seq..end_seq` (inclusive), concatenated in `text`."""
+
+    start_seq: int
+    end_seq: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """How the stream ended: the last item `stream()` yields."""
+
+    state: str  # COMPLETED, CANCELLED or FAILED
+    final_seq: int  # -1 when the stream has no token
+    reason: str = ""  # for FAILED: interrupted, shutdown, model_error, timeout, ...
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    state: str
+    final_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    stream_id: str
+    prompt: str
+    response: str
+    state: str
+    model: str
+    head_seq: int
+    created_at: datetime
+    finished_at: datetime | None
+    reason: str
+    error: str
+
+    @classmethod
+    def from_proto(cls, turn: pb.Turn) -> Turn:
+        return cls(
+            stream_id=turn.stream_id,
+            prompt=turn.prompt,
+            response=turn.response,
+            state=state_name(turn.state),
+            model=turn.model,
+            head_seq=turn.head_seq,
+            created_at=turn.created_at.ToDatetime(),
+            finished_at=turn.finished_at.ToDatetime() if turn.HasField("finished_at") else None,
+            reason=turn.reason,
+            error=turn.error,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    conversation_id: str
+    turn: Turn
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Passed to `on_reconnect`: why the client is about to reconnect, and where to."""
+
+    attempt: int  # consecutive attempts without progress, from 1
+    error: str
+    target: str
+    from_seq: int
+    delay: float

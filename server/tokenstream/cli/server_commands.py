@@ -1,0 +1,196 @@
+"""`tokenstream serve` and `tokenstream purge`: commands that run against the store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import click
+
+from tokenstream.server.config import DEFAULT_DATABASE_URL, ServerConfig
+from tokenstream.server.storage.repository import PurgeResult
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=50051, show_default=True, help="Port (0 picks a free one).")
+@click.option(
+    "--database-url",
+    envvar="TOKENSTREAM_DATABASE_URL",
+    default=DEFAULT_DATABASE_URL,
+    show_default=True,
+    help="SQLAlchemy async URL of the store.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--token-rate",
+    type=float,
+    default=50.0,
+    show_default=True,
+    help="Tokens per second of the built-in sources (0 = as fast as possible).",
+)
+@click.option("--default-model", default="synthetic", show_default=True)
+@click.option(
+    "--heartbeat-interval",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds of quiet before a subscription gets a heartbeat.",
+)
+@click.option(
+    "--flush-interval",
+    type=float,
+    default=0.005,
+    show_default=True,
+    help="Minimum seconds between group commits of generated tokens.",
+)
+@click.option(
+    "--max-batch-tokens",
+    type=int,
+    default=10_000,
+    show_default=True,
+    help="Most tokens one group commit writes.",
+)
+@click.option(
+    "--stall-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds without a token before a generation ends FAILED timeout (0: never).",
+)
+@click.option(
+    "--lease-ttl",
+    type=float,
+    default=15.0,
+    show_default=True,
+    help="Seconds after which a stream whose server stopped renewing it ends interrupted.",
+)
+@click.option(
+    "--retention-days",
+    type=float,
+    default=None,
+    help="Purge streams finished more than this many days ago, hourly (default: keep all).",
+)
+@click.option(
+    "--keepalive-time",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds between keepalive pings; an unanswered ping (10 s) drops the connection.",
+)
+@click.option("--max-generations", type=int, default=1000, show_default=True)
+@click.option("--max-generations-per-caller", type=int, default=100, show_default=True)
+@click.option("--max-subscribers-per-stream", type=int, default=1000, show_default=True)
+@click.option(
+    "--shutdown-grace",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds running calls get to finish on SIGTERM.",
+)
+def serve(
+    host: str,
+    port: int,
+    database_url: str,
+    log_level: str,
+    token_rate: float,
+    default_model: str,
+    heartbeat_interval: float,
+    flush_interval: float,
+    max_batch_tokens: int,
+    stall_timeout: float,
+    lease_ttl: float,
+    retention_days: float | None,
+    keepalive_time: float,
+    max_generations: int,
+    max_generations_per_caller: int,
+    max_subscribers_per_stream: int,
+    shutdown_grace: float,
+) -> None:
+    """Run the server until SIGINT/SIGTERM."""
+    from tokenstream.server.app import serve as run_server
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    base = ServerConfig()
+    config = replace(
+        base,
+        host=host,
+        port=port,
+        database_url=database_url,
+        token_rate=token_rate,
+        default_model=default_model,
+        shutdown_grace=shutdown_grace,
+        keepalive_time=keepalive_time,
+        engine=replace(
+            base.engine,
+            heartbeat_interval=heartbeat_interval,
+            flush_interval=flush_interval,
+            max_batch_tokens=max_batch_tokens,
+            stall_timeout=stall_timeout,
+            lease_ttl=lease_ttl,
+            retention_days=retention_days,
+            max_generations=max_generations,
+            max_generations_per_caller=max_generations_per_caller,
+            max_subscribers_per_stream=max_subscribers_per_stream,
+        ),
+    )
+    from tokenstream.server.storage.sql import DatabaseInUse
+
+    try:
+        asyncio.run(run_server(config))
+    except (DatabaseInUse, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command()
+@click.option("--older-than", required=True, help="Age like 30d, 12h, 90m or 45s.")
+@click.option(
+    "--database-url",
+    envvar="TOKENSTREAM_DATABASE_URL",
+    default=DEFAULT_DATABASE_URL,
+    show_default=True,
+)
+def purge(older_than: str, database_url: str) -> None:
+    """Delete streams that finished longer ago than --older-than (and emptied conversations).
+
+    Safe while a server runs on the same database: running streams are never touched.
+    """
+    age = _parse_age(older_than)
+    result = asyncio.run(_purge(database_url, age))
+    click.echo(f"purged {result.streams} stream(s), {result.conversations} conversation(s)")
+
+
+async def _purge(database_url: str, age: timedelta) -> PurgeResult:
+    from tokenstream.server.storage.sql import (
+        SqlStreamRepository,
+        create_engine,
+        upgrade_to_head,
+    )
+
+    engine = create_engine(database_url)
+    repository = SqlStreamRepository(engine)
+    try:
+        await upgrade_to_head(engine)
+        return await repository.purge_finished(datetime.now(UTC) - age)
+    finally:
+        await repository.close()
+
+
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def _parse_age(text: str) -> timedelta:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*", text)
+    if match is None:
+        raise click.BadParameter(f"{text!r}: use a number with d, h, m or s, e.g. 30d")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "d"])

@@ -246,16 +246,20 @@ async def test_leases_are_renewed_and_expired_ones_end(repo: SqlStreamRepository
     await repo.create_stream(mine)
     await repo.create_stream(theirs)
     await repo.commit(WriteBatch(NOW, runs=[(stream_id(2), TokenRun.from_tokens(0, ["a", "b"]))]))
-    assert await repo.renew_leases("srv_me", NOW + timedelta(seconds=30)) == 1
+    # Only named streams are renewed: srv_me generates stream 1, not stream 2.
+    assert (
+        await repo.renew_leases("srv_me", [stream_id(1), stream_id(2)], NOW + timedelta(seconds=30))
+        == 1
+    )
     ended = await repo.end_expired_leases(
         NOW + timedelta(seconds=1), Ending(StreamState.FAILED, "interrupted")
     )
-    # stream 0 has no lease (never expires by sweep); srv_me's was renewed.
-    assert ended == [stream_id(2)]
+    # Stream 0 has no lease at all (as if made before leases existed): swept too.
+    assert ended == [stream_id(0), stream_id(2)]
     record = await repo.get_stream(stream_id(2))
     assert (record.state, record.reason, record.head_seq) == (StreamState.FAILED, "interrupted", 1)
     assert (await repo.get_stream(stream_id(1))).state is StreamState.RUNNING
-    assert await repo.renew_leases("srv_dead", NOW + timedelta(seconds=30)) == 0
+    assert await repo.renew_leases("srv_dead", [stream_id(2)], NOW + timedelta(seconds=30)) == 0
 
 
 async def test_purge_deletes_old_finished_streams_and_empty_conversations(

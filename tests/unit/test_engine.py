@@ -330,6 +330,8 @@ async def test_history_pages_through_turns_in_order(make_engine: EngineFactory) 
     [
         (SubmitCommand(prompt=""), "EMPTY_PROMPT"),
         (SubmitCommand(prompt="  \n"), "EMPTY_PROMPT"),
+        (SubmitCommand(prompt="nul\x00here"), "INVALID_PROMPT"),
+        (SubmitCommand(prompt="lone \ud800 surrogate"), "INVALID_PROMPT"),
         (SubmitCommand(prompt="x" * (SETTINGS.max_prompt_bytes + 1)), "PROMPT_TOO_LARGE"),
         (SubmitCommand(prompt="hi", max_tokens=-1), "MAX_TOKENS_OUT_OF_RANGE"),
         (SubmitCommand(prompt="hi", max_tokens=10**9), "MAX_TOKENS_OUT_OF_RANGE"),

@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.sources import ScriptedSource
 from tests.unit.test_engine import SETTINGS, TOKENS, collect, wait_for_head
 from tokenstream.server import errors
-from tokenstream.server.domain import EndReason, StreamRecord, StreamState
+from tokenstream.server.domain import Chunk, Ending, EndReason, StreamRecord, StreamState, TokenRun
 from tokenstream.server.models import GenerationRequest, ModelRegistry, TokenSource
 from tokenstream.server.storage.errors import StorageUnavailable
 from tokenstream.server.storage.memory import MemoryStreamRepository
-from tokenstream.server.storage.repository import CommitResult, WriteBatch
+from tokenstream.server.storage.repository import CommitResult, NewStream, WriteBatch
 from tokenstream.server.streams import StreamEngine, SubmitCommand
 
 
@@ -54,7 +55,7 @@ def repo() -> FaultyRepository:
 
 
 async def test_cancel_right_after_submit_ends_the_stream(repo: FaultyRepository) -> None:
-    engine = engine_for(repo)
+    engine = engine_for(repo, ("scripted", ScriptedSource(TOKENS, gated=True)))
     await engine.start()
     sub = await engine.submit(SubmitCommand(prompt="hi"))
     async with asyncio.timeout(2):
@@ -75,11 +76,19 @@ async def test_prompt_accepted_while_stopping_is_refused_and_ended(
         await engine.stop(grace=0)
     with pytest.raises(errors.Unavailable):
         await submit
-    record = await repo.find_by_request_id("r-9")
-    assert record is not None
+    (record,) = [s.record for s in repo._streams.values()]
     assert (record.state, record.reason) == (StreamState.FAILED, EndReason.SHUTDOWN)
+    # The request id was let go: the client's retry elsewhere starts the prompt afresh.
+    assert await repo.find_by_request_id("r-9") is None
     async with asyncio.timeout(2):
         await engine.stop(grace=0)  # a second stop does not hang either
+    repo.create_delay = 0
+    restarted = engine_for(repo)
+    await restarted.start()
+    retried = await restarted.submit(SubmitCommand(prompt="hi", request_id="r-9"))
+    assert retried.created
+    assert retried.stream_id != record.stream_id
+    await restarted.stop(grace=0)
 
 
 async def test_commit_that_landed_but_failed_is_not_written_twice(
@@ -264,3 +273,154 @@ async def test_commits_are_bounded_by_max_batch_tokens() -> None:
     assert max(repo.batch_sizes) == 64  # split, never larger
     assert sum(repo.batch_sizes) == 1500
     await engine.stop(grace=0)
+
+
+async def test_concurrent_submits_cannot_exceed_the_generation_limits(
+    repo: FaultyRepository,
+) -> None:
+    settings = replace(SETTINGS, max_generations=5, max_generations_per_caller=3)
+    engine = StreamEngine(
+        repo, ModelRegistry({"s": ScriptedSource(TOKENS, gated=True)}, "s"), settings
+    )
+    await engine.start()
+    repo.create_delay = 0.05  # creations queue up in one group commit
+    outcomes = await asyncio.gather(
+        *(engine.submit(SubmitCommand(prompt=f"p{i}", caller=f"c{i % 2}")) for i in range(20)),
+        return_exceptions=True,
+    )
+    accepted = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, errors.ResourceExhausted)]
+    assert (len(accepted), len(refused)) == (5, 15)
+    assert engine._generations.count() == 5
+    assert engine._generations.count("c0") <= 3
+    await engine.stop(grace=0)
+
+
+async def test_a_caller_that_goes_away_still_gets_its_stream_on_retry(
+    repo: FaultyRepository,
+) -> None:
+    source = ScriptedSource(TOKENS)
+    engine = engine_for(repo, ("scripted", source))
+    await engine.start()
+    repo.create_delay = 0.1
+    first = asyncio.create_task(engine.submit(SubmitCommand(prompt="hi", request_id="gone-1")))
+    await asyncio.sleep(0.02)
+    first.cancel()  # the client's deadline passed while the stream was being created
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.sleep(0.2)
+    retry = await engine.submit(SubmitCommand(prompt="hi", request_id="gone-1"))
+    assert not retry.created  # the same stream, and it is being generated
+    _, end = await collect(await engine.subscribe(retry.stream_id, 0))
+    assert (end.state, end.final_seq) == (StreamState.COMPLETED, len(TOKENS) - 1)
+    await engine.stop(grace=0)
+
+
+async def test_own_stream_that_is_not_generated_is_swept(repo: FaultyRepository) -> None:
+    settings = replace(SETTINGS, lease_ttl=0.15)
+    engine = StreamEngine(
+        repo, ModelRegistry({"s": ScriptedSource(TOKENS)}, "s"), settings, sole_writer=False
+    )
+    await engine.start()
+    now = datetime.now(UTC)
+    orphan = "strm_" + "r" * 26  # e.g. created, then its start was lost
+    await repo.create_stream(
+        NewStream(
+            orphan, "conv_" + "r" * 26, True, "p", "s", 9, None, None, now,
+            owner_id=engine._leases.owner_id, lease_expires_at=now + timedelta(seconds=0.15),
+        )
+    )  # fmt: skip
+    async with asyncio.timeout(3):
+        _, end = await collect(await engine.subscribe(orphan, 0))
+    assert (end.state, end.reason) == (StreamState.FAILED, EndReason.INTERRUPTED)
+    await engine.stop(grace=0)
+
+
+async def test_stream_ended_in_the_store_interrupts_its_waiting_model(
+    repo: FaultyRepository,
+) -> None:
+    source = ScriptedSource(TOKENS, gated=True)
+    engine = engine_for(repo, ("scripted", source))
+    await engine.start()
+    sub = await engine.submit(SubmitCommand(prompt="hi"))
+    source.release(1)
+    await wait_for_head(engine, sub.stream_id, 0)
+    # Another server cancels it through the store; the next token is refused.
+    await repo.commit(
+        WriteBatch(datetime.now(UTC), endings=[(sub.stream_id, Ending(StreamState.CANCELLED))])
+    )
+    source.release(1)
+    async with asyncio.timeout(2):
+        _, end = await collect(await engine.subscribe(sub.stream_id, 0))
+        await asyncio.wait_for(source.closed.wait(), 1)  # the model call was let go
+        await engine.stop(grace=0.2)
+    assert (end.state, end.final_seq) == (StreamState.CANCELLED, 0)
+
+
+async def test_following_a_stream_generated_elsewhere_polls_gently(
+    repo: FaultyRepository,
+) -> None:
+    settings = replace(SETTINGS, store_poll_interval=0.05)
+    engine = StreamEngine(
+        repo, ModelRegistry({"s": ScriptedSource(TOKENS)}, "s"), settings, sole_writer=False
+    )
+    await engine.start()
+    now = datetime.now(UTC)
+    remote = "strm_" + "e" * 26
+    await repo.create_stream(
+        NewStream(
+            remote, "conv_" + "e" * 26, True, "p", "s", 9, None, None, now,
+            owner_id="srv_other", lease_expires_at=now + timedelta(hours=1),
+        )
+    )  # fmt: skip
+    reads = 0
+    original = repo.get_stream
+
+    async def counting(stream_id: str) -> StreamRecord:
+        nonlocal reads
+        reads += 1
+        return await original(stream_id)
+
+    repo.get_stream = counting  # type: ignore[method-assign]
+    events = await engine.subscribe(remote, 0)
+    seq = 0
+    for _ in range(10):  # the other server commits a run every 50 ms
+        await repo.commit(
+            WriteBatch(datetime.now(UTC), runs=[(remote, TokenRun.from_tokens(seq, ["x", "y"]))])
+        )
+        seq += 2
+        chunk = await asyncio.wait_for(anext(events), 1)
+        assert isinstance(chunk, Chunk)
+        await asyncio.sleep(0.05)
+    await events.aclose()
+    assert reads <= 40  # ~1 per poll interval, not a busy loop
+    await engine.stop(grace=0)
+
+
+async def test_a_slow_store_is_not_mistaken_for_a_stalled_model(repo: FaultyRepository) -> None:
+    many = [f" s{i}" for i in range(60)]
+    settings = replace(SETTINGS, stall_timeout=0.2, max_pending_tokens=5)
+    engine = StreamEngine(repo, ModelRegistry({"s": ScriptedSource(many)}, "s"), settings)
+    await engine.start()
+    original = repo.commit
+
+    async def slow(batch: WriteBatch) -> CommitResult:
+        await asyncio.sleep(0.3)  # longer than the stall timeout, every commit
+        return await original(batch)
+
+    sub = await engine.submit(SubmitCommand(prompt="hi", max_tokens=20))
+    repo.commit = slow  # type: ignore[method-assign]
+    async with asyncio.timeout(10):
+        chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
+    assert end.state is StreamState.COMPLETED
+    assert "".join(c.text for c in chunks) == "".join(many[:20])
+    await engine.stop(grace=0)
+
+
+async def test_submit_after_stop_is_refused_at_once(repo: FaultyRepository) -> None:
+    engine = engine_for(repo)
+    await engine.start()
+    await engine.stop(grace=0)
+    async with asyncio.timeout(1):
+        with pytest.raises(errors.Unavailable):
+            await engine.submit(SubmitCommand(prompt="late", request_id="late-1"))

@@ -32,7 +32,7 @@ from tokenstream.server.storage.repository import PurgeResult
 )
 @click.option(
     "--token-rate",
-    type=float,
+    type=click.FloatRange(min=0),
     default=50.0,
     show_default=True,
     help="Tokens per second of the built-in sources (0 = as fast as possible).",
@@ -40,58 +40,62 @@ from tokenstream.server.storage.repository import PurgeResult
 @click.option("--default-model", default="synthetic", show_default=True)
 @click.option(
     "--heartbeat-interval",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=10.0,
     show_default=True,
     help="Seconds of quiet before a subscription gets a heartbeat.",
 )
 @click.option(
     "--flush-interval",
-    type=float,
+    type=click.FloatRange(min=0),
     default=0.005,
     show_default=True,
     help="Minimum seconds between group commits of generated tokens.",
 )
 @click.option(
     "--max-batch-tokens",
-    type=int,
+    type=click.IntRange(min=1),
     default=10_000,
     show_default=True,
     help="Most tokens one group commit writes.",
 )
 @click.option(
     "--stall-timeout",
-    type=float,
+    type=click.FloatRange(min=0),
     default=60.0,
     show_default=True,
     help="Seconds without a token before a generation ends FAILED timeout (0: never).",
 )
 @click.option(
     "--lease-ttl",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=15.0,
     show_default=True,
     help="Seconds after which a stream whose server stopped renewing it ends interrupted.",
 )
 @click.option(
     "--retention-days",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Purge streams finished more than this many days ago, hourly (default: keep all).",
 )
 @click.option(
     "--keepalive-time",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
     help="Seconds between keepalive pings; an unanswered ping (10 s) drops the connection.",
 )
-@click.option("--max-generations", type=int, default=1000, show_default=True)
-@click.option("--max-generations-per-caller", type=int, default=100, show_default=True)
-@click.option("--max-subscribers-per-stream", type=int, default=1000, show_default=True)
+@click.option("--max-generations", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--max-generations-per-caller", type=click.IntRange(min=1), default=100, show_default=True
+)
+@click.option(
+    "--max-subscribers-per-stream", type=click.IntRange(min=1), default=1000, show_default=True
+)
 @click.option(
     "--shutdown-grace",
-    type=float,
+    type=click.FloatRange(min=0),
     default=5.0,
     show_default=True,
     help="Seconds running calls get to finish on SIGTERM.",

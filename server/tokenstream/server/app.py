@@ -60,11 +60,14 @@ class TokenStreamServer:
         return f"{self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        await self.engine.start()
         try:
-            await self._grpc.start()
+            await self.engine.start()
+            try:
+                await self._grpc.start()
+            except BaseException:
+                await self.engine.stop(grace=0)
+                raise
         except BaseException:
-            await self.engine.stop()
             await self._repository.close()
             self._release_db()
             raise

@@ -157,3 +157,5 @@ class Ending:
     state: StreamState
     reason: str = ""
     error: str = ""
+    # Release the stream's request_id, so a retry of the request starts a new stream.
+    forget_request: bool = False

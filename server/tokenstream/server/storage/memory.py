@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -153,11 +154,12 @@ class MemoryStreamRepository:
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
         return [sid for sid in list(self._streams) if self._end(sid, ending, at)]
 
-    async def renew_leases(self, owner_id: str, until: datetime) -> int:
+    async def renew_leases(self, owner_id: str, stream_ids: Sequence[str], until: datetime) -> int:
+        named = set(stream_ids)
         mine = [
             s
-            for s in self._streams.values()
-            if s.owner_id == owner_id and not s.record.state.is_terminal
+            for sid, s in self._streams.items()
+            if sid in named and s.owner_id == owner_id and not s.record.state.is_terminal
         ]
         for stream in mine:
             stream.lease_expires_at = until
@@ -168,8 +170,7 @@ class MemoryStreamRepository:
             sid
             for sid, s in self._streams.items()
             if not s.record.state.is_terminal
-            and s.lease_expires_at is not None
-            and s.lease_expires_at < now
+            and (s.lease_expires_at is None or s.lease_expires_at < now)
         ]
         return [sid for sid in expired if self._end(sid, ending, now)]
 
@@ -205,6 +206,8 @@ class MemoryStreamRepository:
         full = join_runs(stream.runs)
         stream.compacted, stream.runs = full, []
         stream.lease_expires_at = None
+        if ending.forget_request and stream.record.request_id is not None:
+            self._request_ids.pop(stream.record.request_id, None)
         stream.record = replace(
             stream.record,
             state=ending.state,

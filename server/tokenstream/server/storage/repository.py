@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -101,12 +102,17 @@ class StreamRepository(Protocol):
         """Ends every PENDING/RUNNING stream (crash recovery); returns their ids."""
         ...
 
-    async def renew_leases(self, owner_id: str, until: datetime) -> int:
-        """Extends the lease of every active stream `owner_id` generates; returns how many."""
+    async def renew_leases(self, owner_id: str, stream_ids: Sequence[str], until: datetime) -> int:
+        """Extends the leases of `owner_id` on the given active streams; returns how many.
+
+        Only streams the owner is actually generating are named, so a stream it created but
+        never started (or lost track of) expires and is swept like any other.
+        """
         ...
 
     async def end_expired_leases(self, now: datetime, ending: Ending) -> list[str]:
-        """Ends active streams whose lease ran out before `now` (their server is gone)."""
+        """Ends active streams whose lease ran out before `now` (their server is gone), and
+        active streams with no lease at all (made before leases existed)."""
         ...
 
     async def purge_finished(self, before: datetime) -> PurgeResult:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from tokenstream.server import ids
-from tokenstream.server.domain import StreamRecord, Turn
+from tokenstream.server.domain import Ending, EndReason, StreamRecord, StreamState, Turn
 from tokenstream.server.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -25,7 +25,7 @@ from tokenstream.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from tokenstream.server.models import ModelRegistry
+from tokenstream.server.models import ModelRegistry, TokenSource
 from tokenstream.server.storage import errors as storage_errors
 from tokenstream.server.storage.repository import (
     NewStream,
@@ -98,8 +98,13 @@ class StreamEngine:
         self._generations = Generations(
             self._writer, settings.stall_timeout, settings.live_tail_tokens
         )
-        self._leases = LeaseKeeper(repository, settings.lease_ttl)
+        self._leases = LeaseKeeper(
+            repository, settings.lease_ttl, lambda: list(self._generations.live)
+        )
         self._subscribers: Counter[str] = Counter()
+        self._reserved_total = 0
+        self._reserved_by: Counter[str] = Counter()
+        self._creating: set[asyncio.Future[Submission]] = set()
         self._retention: asyncio.Task[None] | None = None
         self._accepting = False
 
@@ -135,6 +140,8 @@ class StreamEngine:
         so that shutdown always finishes. Safe to call more than once.
         """
         self._accepting = False
+        if self._creating:  # they end their streams themselves (not accepting any more)
+            await asyncio.gather(*self._creating, return_exceptions=True)
         await self._generations.drain(grace)
         self._writer.begin_stop(grace)
         if self._retention is not None:
@@ -149,16 +156,14 @@ class StreamEngine:
     async def submit(self, command: SubmitCommand) -> Submission:
         self._validate(command)
         model, source = self._models.resolve(command.model)
-        if not self._accepting:
-            raise _shutting_down()
-
+        self._check_accepting()
         request_hash = _fingerprint(command) if command.request_id else None
         if command.request_id:
             earlier = await guarded(self._repository.find_by_request_id(command.request_id))
             if earlier is not None:
                 return _replay(earlier, request_hash, command.request_id)
-        self._check_capacity(command.caller)
-
+            self._check_accepting()
+        self._reserve(command.caller)  # released once the generation runs, or on failure
         new = NewStream(
             stream_id=ids.new_stream_id(),
             conversation_id=command.conversation_id or ids.new_conversation_id(),
@@ -172,34 +177,56 @@ class StreamEngine:
             owner_id=self._leases.owner_id,
             lease_expires_at=self._leases.expires_at(),
         )
-        try:
-            record = await guarded(self._writer.create(new))
-        except storage_errors.NotFound as exc:
-            raise NotFound(
-                f"conversation {command.conversation_id} does not exist; leave "
-                "conversation_id empty to start a new one",
-                reason="CONVERSATION_NOT_FOUND",
-                field="conversation_id",
-            ) from exc
-        except storage_errors.AlreadyExists:
-            # A concurrent call with the same request_id won the race: answer as it did.
-            if not command.request_id:
-                raise
-            earlier = await guarded(self._repository.find_by_request_id(command.request_id))
-            if earlier is None:
-                raise
-            return _replay(earlier, request_hash, command.request_id)
+        # Created and started by a task of its own: a caller that goes away meanwhile
+        # (deadline, disconnect) cannot leave behind a stream that nobody generates; its
+        # retry with the same request_id finds the stream running.
+        task = asyncio.ensure_future(self._create_and_start(new, source, command))
+        self._creating.add(task)
+        task.add_done_callback(self._creating.discard)
+        return await asyncio.shield(task)
 
-        if not self._accepting:
-            # Shutdown began while the stream was being created: nobody will generate it.
-            await guarded(
-                self._repository.commit(
-                    WriteBatch(at=_now(), endings=[(record.stream_id, SHUTDOWN)])
+    async def _create_and_start(
+        self, new: NewStream, source: TokenSource, command: SubmitCommand
+    ) -> Submission:
+        try:
+            try:
+                record = await guarded(self._writer.create(new))
+            except storage_errors.NotFound as exc:
+                raise NotFound(
+                    f"conversation {command.conversation_id} does not exist; leave "
+                    "conversation_id empty to start a new one",
+                    reason="CONVERSATION_NOT_FOUND",
+                    field="conversation_id",
+                ) from exc
+            except storage_errors.AlreadyExists as exc:
+                # A concurrent call with the same request_id won the race: answer as it did.
+                earlier = (
+                    await guarded(self._repository.find_by_request_id(command.request_id))
+                    if command.request_id
+                    else None
                 )
-            )
+                if earlier is None:
+                    raise Unavailable(
+                        "the stream could not be created; retry", reason="CREATE_CONFLICT"
+                    ) from exc
+                return _replay(earlier, new.request_hash, command.request_id)
+            if not self._accepting:
+                # Shutdown began meanwhile: nobody will generate it. Its request_id is let
+                # go, so the client's retry on another server starts it afresh.
+                await guarded(
+                    self._repository.commit(
+                        WriteBatch(at=_now(), endings=[(record.stream_id, _UNSTARTED)])
+                    )
+                )
+                raise _shutting_down()
+            self._generations.start(record, source, command.caller)
+            return Submission(record.stream_id, record.conversation_id, new.model, created=True)
+        finally:
+            self._release(command.caller)
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
             raise _shutting_down()
-        self._generations.start(record, source, command.caller)
-        return Submission(record.stream_id, record.conversation_id, model, created=True)
 
     def _validate(self, command: SubmitCommand) -> None:
         settings = self.settings
@@ -207,7 +234,20 @@ class StreamEngine:
             raise InvalidArgument(
                 "prompt is empty: send the text to answer", reason="EMPTY_PROMPT", field="prompt"
             )
-        size = len(command.prompt.encode())
+        if "\x00" in command.prompt:
+            raise InvalidArgument(
+                "prompt contains a NUL character, which cannot be stored; remove it",
+                reason="INVALID_PROMPT",
+                field="prompt",
+            )
+        try:
+            size = len(command.prompt.encode())
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(
+                "prompt is not valid Unicode text (it has a lone surrogate); send UTF-8 text",
+                reason="INVALID_PROMPT",
+                field="prompt",
+            ) from exc
         if size > settings.max_prompt_bytes:
             raise InvalidArgument(
                 f"prompt is {size} bytes; the limit is {settings.max_prompt_bytes} bytes "
@@ -230,22 +270,32 @@ class StreamEngine:
         if command.request_id:
             ids.check_request_id(command.request_id)
 
-    def _check_capacity(self, caller: str) -> None:
+    def _reserve(self, caller: str) -> None:
+        """Takes a generation slot, counting submissions still being created."""
         settings = self.settings
-        if self._generations.count() >= settings.max_generations:
+        if self._generations.count() + self._reserved_total >= settings.max_generations:
             raise ResourceExhausted(
                 f"this server is at its limit of {settings.max_generations} concurrent "
                 "generations; retry shortly or on another server",
                 reason="TOO_MANY_GENERATIONS",
                 metadata={"limit": str(settings.max_generations)},
             )
-        if caller and self._generations.count(caller) >= settings.max_generations_per_caller:
+        mine = self._generations.count(caller) + self._reserved_by[caller]
+        if caller and mine >= settings.max_generations_per_caller:
             raise ResourceExhausted(
                 f"you are at the limit of {settings.max_generations_per_caller} concurrent "
                 "generations per caller; wait for one to finish or cancel one",
                 reason="TOO_MANY_GENERATIONS_FOR_CALLER",
                 metadata={"limit": str(settings.max_generations_per_caller)},
             )
+        self._reserved_total += 1
+        self._reserved_by[caller] += 1
+
+    def _release(self, caller: str) -> None:
+        self._reserved_total -= 1
+        self._reserved_by[caller] -= 1
+        if not self._reserved_by[caller]:
+            del self._reserved_by[caller]
 
     # -- cancel --------------------------------------------------------------------------
 
@@ -375,6 +425,14 @@ class StreamEngine:
             except Exception:
                 log.warning("retention purge failed; retrying later", exc_info=True)
             await asyncio.sleep(self.settings.retention_interval)
+
+
+_UNSTARTED = Ending(
+    StreamState.FAILED,
+    EndReason.SHUTDOWN,
+    "the server shut down before this stream started; submit it again",
+    forget_request=True,
+)
 
 
 def _shutting_down() -> Unavailable:

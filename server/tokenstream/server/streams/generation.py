@@ -58,10 +58,7 @@ class Generations:
     @staticmethod
     def request_stop(live: LiveStream, ending: Ending) -> None:
         """Stops the generation before its next token (interrupting a wait for one)."""
-        if live.stop_requested is None and live.final is None:
-            live.stop_requested = ending
-            if live.producing and live.task is not None:
-                live.task.cancel()
+        live.request_stop(ending)
 
     async def drain(self, grace: float) -> None:
         """Waits up to `grace` seconds for the running generations to finish by themselves."""
@@ -93,7 +90,14 @@ class Generations:
             await asyncio.sleep(period)
             now = loop.time()
             for live in list(self.live.values()):
-                if live.producing and now - live.last_progress > self._stall_timeout:
+                if live.stop_requested is not None:
+                    live.interrupt()  # e.g. ended through the store while the model waits
+                    continue
+                if (
+                    live.producing
+                    and not live.waiting_for_store
+                    and now - live.last_progress > self._stall_timeout
+                ):
                     log.warning("model stalled on stream %s; ending it", live.stream_id)
                     self.request_stop(
                         live,
@@ -140,8 +144,12 @@ class Generations:
                     continue
                 _check_token(token)
                 if not self._writer.has_room:
-                    await self._writer.wait_for_room()
-                    live.last_progress = loop.time()  # waiting on the store is no stall
+                    live.waiting_for_store = True  # a slow store is not a stalled model
+                    try:
+                        await self._writer.wait_for_room()
+                    finally:
+                        live.waiting_for_store = False
+                    live.last_progress = loop.time()
                     if live.stop_requested is not None:
                         break
                 self._writer.append(live, token)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from tokenstream.server.domain import Ending, EndReason, StreamState
@@ -24,8 +25,11 @@ INTERRUPTED = Ending(
 
 
 class LeaseKeeper:
-    def __init__(self, repository: StreamRepository, ttl: float) -> None:
+    def __init__(
+        self, repository: StreamRepository, ttl: float, generating: Callable[[], list[str]]
+    ) -> None:
         self._repository = repository
+        self._generating = generating  # ids of the streams this server is generating
         self.ttl = ttl
         # Names this server process in the store (a new one every start).
         self.owner_id = f"srv_{uuid.uuid4().hex}"
@@ -56,7 +60,9 @@ class LeaseKeeper:
         while True:
             await asyncio.sleep(period)
             try:
-                await self._repository.renew_leases(self.owner_id, self.expires_at())
+                await self._repository.renew_leases(
+                    self.owner_id, self._generating(), self.expires_at()
+                )
                 await self.sweep()
             except Exception:
                 log.warning("lease renewal or sweep failed; retrying", exc_info=True)

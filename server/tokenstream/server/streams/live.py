@@ -20,6 +20,7 @@ class LiveStream:
     __slots__ = (
         "_changed",
         "_ended",
+        "_interrupted",
         "base_seq",
         "caller",
         "final",
@@ -30,6 +31,7 @@ class LiveStream:
         "tail_limit",
         "task",
         "tokens",
+        "waiting_for_store",
     )
 
     def __init__(self, record: StreamRecord, caller: str = "", tail_limit: int = 8192) -> None:
@@ -43,6 +45,9 @@ class LiveStream:
         self.stop_requested: Ending | None = None
         # True while the generation task reads its token source (and may be interrupted).
         self.producing = False
+        # True while generation waits for the store to catch up (not the model's fault).
+        self.waiting_for_store = False
+        self._interrupted = False
         # Event-loop time of the last token from the source (or of the start), for stalls.
         self.last_progress = 0.0
         self.task: asyncio.Task[None] | None = None
@@ -60,6 +65,24 @@ class LiveStream:
     @property
     def state(self) -> StreamState:
         return StreamState.RUNNING if self.final is None else self.final.state
+
+    def request_stop(self, ending: Ending) -> None:
+        """Stops generation before its next token, recording why (the first reason wins)."""
+        if self.stop_requested is None and self.final is None:
+            self.stop_requested = ending
+        self.interrupt()
+
+    def interrupt(self) -> None:
+        """Wakes a generation waiting on its model so it sees `stop_requested` (once)."""
+        if (
+            self.stop_requested is not None
+            and self.producing
+            and not self._interrupted
+            and self.task is not None
+            and not self.task.done()
+        ):
+            self._interrupted = True
+            self.task.cancel()
 
     @property
     def changed(self) -> asyncio.Event:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from tokenstream.server.domain import Ending, StreamRecord, StreamState, TokenRun
-from tokenstream.server.storage.errors import StorageError, StorageUnavailable
+from tokenstream.server.storage.errors import NotFound, StorageError, StorageUnavailable
 from tokenstream.server.storage.repository import (
     CommitResult,
     NewStream,
@@ -47,6 +47,8 @@ class BatchWriter:
     _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
     # Failures of one batch, not explained by an outage, before it is split per stream.
     _SPLIT_AFTER = 3
+    # Commits a stream creation is tried in before its caller is told UNAVAILABLE.
+    _CREATION_TRIES = 3
 
     def __init__(
         self,
@@ -64,6 +66,7 @@ class BatchWriter:
         # New streams wait for the next group commit too: one transaction creates many, and
         # creation never competes with token writes for the database's write lock.
         self._creations: Creations = []
+        self._creation_tries: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -100,6 +103,8 @@ class BatchWriter:
     async def create(self, new: NewStream) -> StreamRecord:
         """Creates the stream in the next commit. Raises the repository's NotFound or
         AlreadyExists for it, or StorageUnavailable when that commit fails."""
+        if self._closing or self._task is None or self._task.done():
+            raise StorageUnavailable("the writer has stopped: the server is shutting down")
         created: asyncio.Future[StreamRecord] = asyncio.get_running_loop().create_future()
         self._creations.append((new, created))
         self._wake.set()
@@ -153,17 +158,16 @@ class BatchWriter:
             batch = self._take_batch()
             creations, self._creations = self._creations, []
             try:
-                result = await self._repository.commit(self._write_batch(batch, creations))
+                async with asyncio.timeout(self._commit_timeout()):
+                    result = await self._repository.commit(self._write_batch(batch, creations))
                 self._apply(batch, result.terminal)
                 _settle(creations, result)
                 failures = 0
                 continue
             except Exception as exc:
-                # Whether they landed is unknown: the callers say UNAVAILABLE, and their
-                # retries (same request_id) find the stream if it exists.
-                _fail(creations, exc)
                 failures += 1
-                outage = isinstance(exc, StorageUnavailable)
+                error = exc
+                outage = isinstance(exc, StorageUnavailable | TimeoutError)
                 delay = self._BACKOFF[min(failures, len(self._BACKOFF)) - 1]
                 log.warning(
                     "group commit of %d stream(s) failed (attempt %d, %s); retrying in %.2fs",
@@ -174,17 +178,55 @@ class BatchWriter:
                     exc_info=not outage,
                 )
             if self._past_deadline():
+                self._fail(creations, error)
                 self._abandon(batch)
                 continue
             await asyncio.sleep(delay)
             try:
+                # The commit may have landed after all: read back before retrying.
+                creations = await self._reconcile_creations(creations)
                 batch = await self._reconcile(batch)
                 if failures >= self._SPLIT_AFTER and not outage:
+                    self._fail(creations, error)
+                    creations = []
                     batch = await self._commit_one_by_one(batch)
                     failures = 0
             except Exception:
                 log.warning("could not read back the failed batch; retrying it", exc_info=True)
+            self._creations[:0] = creations
             self._requeue(batch)
+
+    def _fail(self, creations: Creations, error: BaseException) -> None:
+        for new, _created in creations:
+            self._creation_tries.pop(new.stream_id, None)
+        _fail(creations, error)
+
+    def _commit_timeout(self) -> float | None:
+        """No limit normally; once stopping, what is left of the deadline (at least 0.5 s)."""
+        if self._deadline is None:
+            return None
+        return max(self._deadline - asyncio.get_running_loop().time(), 0.5)
+
+    async def _reconcile_creations(self, creations: Creations) -> Creations:
+        """Answers the creations that landed; returns those to try again (a few times:
+        then their callers hear UNAVAILABLE rather than wait out an outage)."""
+        remaining: Creations = []
+        for new, created in creations:
+            if created.done():
+                continue
+            try:
+                record = await self._repository.get_stream(new.stream_id)
+            except NotFound:
+                tries = self._creation_tries.get(new.stream_id, 0) + 1
+                if tries < self._CREATION_TRIES:
+                    self._creation_tries[new.stream_id] = tries
+                    remaining.append((new, created))
+                    continue
+                created.set_exception(StorageUnavailable("the store keeps failing"))
+            else:
+                created.set_result(record)
+            self._creation_tries.pop(new.stream_id, None)
+        return remaining
 
     def _take_batch(self) -> Batch:
         """Up to `max_batch_tokens` pending tokens, oldest streams first; the rest waits."""
@@ -241,8 +283,8 @@ class BatchWriter:
     @staticmethod
     def _finish(live: LiveStream, record: StreamRecord) -> None:
         if live.final is None:
-            if live.stop_requested is None:  # its generator must stop writing too
-                live.stop_requested = Ending(record.state, record.reason, record.error)
+            # Its generator must stop writing too, even while it waits on its model.
+            live.request_stop(Ending(record.state, record.reason, record.error))
             live.publish_end(record)
 
     async def _reconcile(self, batch: Batch) -> Batch:
@@ -281,17 +323,19 @@ class BatchWriter:
                     f"the store refused this stream's tokens ({type(exc).__name__}); "
                     "the tokens stored before that are kept",
                 )
-                live.stop_requested = live.stop_requested or ending
+                live.request_stop(ending)
                 remaining[live] = _Pending(ending=ending)
         return remaining
 
     def _abandon(self, batch: Batch) -> None:
         """At shutdown past the deadline: stop waiting for the store, release every waiter."""
         creations, self._creations = self._creations, []
-        _fail(creations, StorageUnavailable("shutting down with the database unreachable"))
+        self._fail(creations, StorageUnavailable("shutting down with the database unreachable"))
         everything = dict(batch)
         for live, pending in self._pending.items():
-            everything.setdefault(live, _Pending()).tokens.extend(pending.tokens)
+            merged = everything.setdefault(live, _Pending())
+            merged.tokens.extend(pending.tokens)
+            merged.ending = pending.ending or merged.ending
         self._pending = {}
         lost = sum(len(p.tokens) for p in everything.values())
         log.error(
@@ -334,7 +378,7 @@ def _settle(creations: Creations, result: CommitResult) -> None:
             created.set_exception(outcome or StorageError(f"{new.stream_id} was not created"))
 
 
-def _fail(creations: Creations, error: Exception) -> None:
+def _fail(creations: Creations, error: BaseException) -> None:
     for _new, created in creations:
         if not created.done():
             unavailable = StorageUnavailable(f"the stream could not be created: {error!r}")

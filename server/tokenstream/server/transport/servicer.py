@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -54,8 +55,10 @@ class TokenStreamServicer(pb_grpc.TokenStreamServiceServicer):
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.SubscribeResponse]:
         events = await self._engine.subscribe(request.stream_id, request.from_seq)
-        async for event in events:
-            yield event_to_proto(event)
+        # Closed at once when the call ends, so its subscriber slot is given back promptly.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event_to_proto(event)
 
     async def Cancel(
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[object, object]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -55,15 +55,19 @@ _RECORD_COLUMNS = [
 ]
 
 
+def _is_outage(exc: Exception) -> bool:
+    """Connection loss, lock timeouts and pool exhaustion: worth retrying later."""
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
 @asynccontextmanager
 async def _unavailable_on_outage() -> AsyncIterator[None]:
-    """Connection loss, lock timeouts and pool exhaustion are worth retrying; say so."""
     try:
         yield
-    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
-        raise StorageUnavailable(str(exc)) from exc
-    except sa_exc.DBAPIError as exc:
-        if exc.connection_invalidated:
+    except sa_exc.SQLAlchemyError as exc:
+        if _is_outage(exc):
             raise StorageUnavailable(str(exc)) from exc
         raise
 
@@ -163,17 +167,24 @@ class SqlStreamRepository:
                     await conn.execute(insert(conversations), fresh)
                 if valid:
                     await conn.execute(insert(streams), [_stream_row(n) for n in valid])
-        except sa_exc.IntegrityError:
-            # Someone's request id is taken (a retry racing its original): one at a time.
+        except sa_exc.DBAPIError as exc:
+            if _is_outage(exc):
+                raise
+            # One of them is refused (e.g. a request id taken by a retry racing its
+            # original): one at a time, so only that one fails.
             for new in valid:
                 try:
                     async with conn.begin_nested():
                         await cls._create(conn, new)
                     outcome[new.stream_id] = _new_record(new)
-                except NotFound as exc:
-                    outcome[new.stream_id] = exc
+                except NotFound as missing:
+                    outcome[new.stream_id] = missing
                 except sa_exc.IntegrityError:
                     outcome[new.stream_id] = AlreadyExists(new.request_id or new.stream_id)
+                except sa_exc.DBAPIError as refused:
+                    if _is_outage(refused):
+                        raise
+                    outcome[new.stream_id] = StorageError(f"the store refused it: {refused.orig}")
             return outcome
         outcome.update((new.stream_id, _new_record(new)) for new in valid)
         return outcome
@@ -227,6 +238,7 @@ class SqlStreamRepository:
                     await conn.scalars(
                         select(streams.c.stream_id)
                         .where(streams.c.stream_id.in_(touched), streams.c.state.in_(_ACTIVE))
+                        .order_by(streams.c.id)  # one lock order everywhere: no deadlocks
                         .with_for_update()  # PostgreSQL: no other replica ends them meanwhile
                     )
                 ).all()
@@ -323,11 +335,17 @@ class SqlStreamRepository:
                 await self._end_stream(conn, stream_id, ending, at)
             return list(ids)
 
-    async def renew_leases(self, owner_id: str, until: datetime) -> int:
+    async def renew_leases(self, owner_id: str, stream_ids: Sequence[str], until: datetime) -> int:
+        if not stream_ids:
+            return 0
         async with self._write() as conn:
             result = await conn.execute(
                 update(streams)
-                .where(streams.c.owner_id == owner_id, streams.c.state.in_(_ACTIVE))
+                .where(
+                    streams.c.owner_id == owner_id,
+                    streams.c.stream_id.in_(stream_ids),
+                    streams.c.state.in_(_ACTIVE),
+                )
                 .values(lease_expires_at=until)
             )
             return int(result.rowcount)
@@ -337,7 +355,10 @@ class SqlStreamRepository:
             ids = (
                 await conn.scalars(
                     select(streams.c.stream_id)
-                    .where(streams.c.state.in_(_ACTIVE), streams.c.lease_expires_at < now)
+                    .where(
+                        streams.c.state.in_(_ACTIVE),
+                        or_(streams.c.lease_expires_at < now, streams.c.lease_expires_at.is_(None)),
+                    )
                     .order_by(streams.c.id)
                     .with_for_update()
                 )
@@ -398,6 +419,7 @@ class SqlStreamRepository:
                 text=full.text,
                 token_ends=full.encode_ends(),
                 lease_expires_at=None,
+                **({"request_id": None} if ending.forget_request else {}),
             )
         )
         await conn.execute(delete(token_runs).where(token_runs.c.stream_id == stream_id))

@@ -28,6 +28,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        # Dropping columns rebuilds the table on SQLite, and the rebuild's DROP TABLE would
+        # cascade to token_runs. Restore a backup instead.
+        raise NotImplementedError("0002 cannot be downgraded on SQLite without losing tokens")
     with op.batch_alter_table("streams") as batch:
         batch.drop_index("ix_streams_finished_at")
         batch.drop_index("ix_streams_state_lease_expires_at")

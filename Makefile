@@ -10,7 +10,10 @@ DATABASE_URL ?= sqlite+aiosqlite:///tokenstream.db
 PROTOS := $(shell find protos -name '*.proto')
 GEN_FLAGS = -Iprotos --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1)
 
-.PHONY: venv run test lint generate check-generated buf-lint pytest clean
+TS_DIR   := clients/typescript
+TS_STAMP := $(TS_DIR)/node_modules/.installed
+
+.PHONY: venv run test lint generate check-generated buf-lint pytest ts-check clean
 
 venv: $(STAMP)
 
@@ -24,8 +27,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/tokenstream serve --host $(HOST) --port $(PORT) --database-url '$(DATABASE_URL)'
 
-## test: lint, generated-code drift check, and the whole test suite
-test: lint check-generated pytest
+## test: lint, generated-code drift check, TypeScript type check, and the whole test suite
+test: lint check-generated ts-check pytest
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -40,18 +43,29 @@ buf-lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code protos
 
-## generate: regenerate gen/ from protos/
-generate: $(STAMP)
-	rm -rf gen/tokenstream
-	mkdir -p gen
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc $(call GEN_FLAGS,gen) $(PROTOS)
+$(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	cd $(TS_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(TS_STAMP)
 
-## check-generated: fail when gen/ differs from what protos/ generate
-check-generated: $(STAMP)
+## generate: regenerate gen/ (Python) and clients/typescript/src/gen/ from protos/
+generate: $(STAMP) $(TS_STAMP)
+	rm -rf gen/tokenstream $(TS_DIR)/src/gen
+	mkdir -p gen
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc $(call GEN_FLAGS,gen) $(PROTOS) 2>/dev/null
+	$(BIN)/buf generate
+
+## check-generated: fail when generated code differs from what protos/ generate
+check-generated: $(STAMP) $(TS_STAMP)
 	@tmp=$$(mktemp -d) && \
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc $(call GEN_FLAGS,$$tmp) $(PROTOS) && \
-	if diff -r $$tmp/tokenstream gen/tokenstream -x __pycache__; then echo "generated code is up to date"; rm -rf $$tmp; \
-	else echo "gen/ is stale: run 'make generate' and commit the result" >&2; rm -rf $$tmp; exit 1; fi
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc $(call GEN_FLAGS,$$tmp) $(PROTOS) 2>/dev/null && \
+	$(BIN)/buf generate --output $$tmp && \
+	if diff -r $$tmp/tokenstream gen/tokenstream -x __pycache__ && \
+	   diff -r $$tmp/$(TS_DIR)/src/gen $(TS_DIR)/src/gen; then echo "generated code is up to date"; rm -rf $$tmp; \
+	else echo "generated code is stale: run 'make generate' and commit the result" >&2; rm -rf $$tmp; exit 1; fi
+
+## ts-check: the TypeScript client (generated code included) type-checks
+ts-check: $(TS_STAMP)
+	cd $(TS_DIR) && node_modules/.bin/tsc --noEmit -p .
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

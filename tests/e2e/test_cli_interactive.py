@@ -175,3 +175,19 @@ async def test_several_targets_reach_the_live_one(server: RunningServer) -> None
     )
     assert code == 0, err
     assert out == "via the second\n"
+
+
+async def test_describe_reads_the_contract_through_reflection(server: RunningServer) -> None:
+    code, out, _ = await run_cli(server.target, "describe")
+    assert code == 0
+    assert "tokenstream.v1.TokenStreamService" in out.splitlines()
+    code, out, _ = await run_cli(server.target, "describe", "tokenstream.v1.TokenStreamService")
+    assert (
+        "rpc Subscribe(tokenstream.v1.SubscribeRequest) returns "
+        "(stream tokenstream.v1.SubscribeResponse);" in out
+    )
+    code, out, _ = await run_cli(server.target, "describe", "tokenstream.v1.SubscribeRequest")
+    assert "int64 from_seq = 2;" in out
+    code, _, err = await run_cli(server.target, "describe", "tokenstream.v1.Nope")
+    assert code == 1
+    assert "is not known" in err

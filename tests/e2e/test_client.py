@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
 import grpc
 import pytest
 
 from tests.conftest import RunningServer
-from tokenstream.client import StreamEnd, TokenStreamClient, TokenStreamClientError
+from tokenstream.client import (
+    Reconnect,
+    RetriesExhausted,
+    RetryPolicy,
+    StreamEnd,
+    TokenStreamClient,
+    TokenStreamClientError,
+    TokenStreamSyncClient,
+)
+from tokenstream.server import ServerConfig, create_server
 from tokenstream.server.models.synthetic import synthetic_tokens
 
 
@@ -59,3 +72,38 @@ async def test_errors_carry_code_and_reason(server: RunningServer) -> None:
             grpc.StatusCode.NOT_FOUND,
             "STREAM_NOT_FOUND",
         )
+
+
+async def test_retry_budget_ends_with_a_clear_error() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02)
+    reconnects: list[Reconnect] = []
+    async with TokenStreamClient(
+        "127.0.0.1:1", retry=policy, timeout=1.0, on_reconnect=reconnects.append
+    ) as client:
+        with pytest.raises(RetriesExhausted) as info:
+            async for _ in client.stream("strm_" + "z" * 26):
+                pass
+    assert info.value.attempts == 3
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "gave up after 3 attempts" in str(info.value)
+    assert [r.attempt for r in reconnects] == [1, 2]
+
+
+def test_sync_client_for_scripts(tmp_path: Path) -> None:
+    async def serve_and_use() -> None:
+        config = ServerConfig(port=0, database_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
+        server, port = await create_server(replace(config, token_rate=0))
+        await server.start()
+        try:
+            await asyncio.to_thread(use_sync, f"127.0.0.1:{port}")
+        finally:
+            await server.stop()
+
+    def use_sync(target: str) -> None:
+        with TokenStreamSyncClient(target) as client:
+            submitted = client.submit("sync works", model="echo")
+            items = list(client.stream(submitted.stream_id))
+            assert "".join(i.text for i in items if not isinstance(i, StreamEnd)) == "sync works"
+            assert [t.prompt for t in client.history(submitted.conversation_id)] == ["sync works"]
+
+    asyncio.run(serve_and_use())

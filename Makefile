@@ -65,7 +65,7 @@ check-generated: $(STAMP) $(TS_STAMP)
 
 ## ts-check: the TypeScript client (generated code included) type-checks
 ts-check: $(TS_STAMP)
-	cd $(TS_DIR) && node_modules/.bin/tsc --noEmit -p .
+	cd $(TS_DIR) && node_modules/.bin/tsc --noEmit -p . && node_modules/.bin/tsc --noEmit -p tsconfig.smoke.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -191,3 +191,48 @@ async def test_describe_reads_the_contract_through_reflection(server: RunningSer
     code, _, err = await run_cli(server.target, "describe", "tokenstream.v1.Nope")
     assert code == 1
     assert "is not known" in err
+
+
+async def test_chat_reads_files_and_empty_input(server: RunningServer, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("from a file\n")
+    for source in (prompts, Path("/dev/null")):
+        with source.open("rb") as stdin:
+            process = await asyncio.create_subprocess_exec(
+                TOKENSTREAM,
+                "chat",
+                "-m",
+                "echo",
+                "--target",
+                server.target,
+                stdin=stdin,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, _ = await asyncio.wait_for(process.communicate(), 20)
+        assert process.returncode == 0
+        assert out.decode() == ("from a file\n" if source == prompts else "")
+
+
+async def test_a_failed_turn_does_not_end_the_chat(server: RunningServer) -> None:
+    code, _, err = await run_cli(
+        server.target, "chat", "-m", "no-such-model", stdin=b"first\nsecond\n"
+    )
+    assert code == 0
+    assert err.count("INVALID_ARGUMENT [UNKNOWN_MODEL]") == 2  # both turns tried and reported
+
+
+async def test_ctrl_c_at_a_piped_prompt_leaves(server: RunningServer) -> None:
+    process = await asyncio.create_subprocess_exec(
+        TOKENSTREAM,
+        "chat",
+        "--target",
+        server.target,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(1.0)  # started, waiting for a line that never comes
+    process.send_signal(signal.SIGINT)
+    await asyncio.wait_for(process.wait(), 10)
+    assert process.returncode == 130

@@ -107,3 +107,15 @@ def test_sync_client_for_scripts(tmp_path: Path) -> None:
             assert [t.prompt for t in client.history(submitted.conversation_id)] == ["sync works"]
 
     asyncio.run(serve_and_use())
+
+
+async def test_history_pages_larger_than_grpc_default_limit(server: RunningServer) -> None:
+    big = "x" * 60_000  # one token; prompt and response are both 60 KB
+    async with TokenStreamClient(server.target) as client:
+        first = await client.submit(big, model="echo")
+        for _ in range(39):
+            await client.submit(big, model="echo", conversation_id=first.conversation_id)
+        async for _ in client.stream(first.stream_id):
+            pass
+        turns = [turn async for turn in client.history(first.conversation_id)]
+    assert len(turns) == 40  # one page of ~4.8 MB: more than gRPC's default 4 MB

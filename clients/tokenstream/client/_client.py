@@ -12,7 +12,11 @@ import grpc
 
 from tokenstream.client._endpoints import ConnectionOptions, Endpoints
 from tokenstream.client._errors import RetriesExhausted, TokenStreamClientError
-from tokenstream.client._retry import RETRYABLE_CODES, RetryPolicy
+from tokenstream.client._retry import (
+    RETRYABLE_CODES,
+    RETRYABLE_EXHAUSTION_REASONS,
+    RetryPolicy,
+)
 from tokenstream.client._types import (
     CancelResult,
     Chunk,
@@ -32,7 +36,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 class _Silent(Exception):
-    """No message (not even a heartbeat) arrived within the heartbeat timeout."""
+    """The subscription went quiet (no message, not even a heartbeat) or ended early."""
 
 
 class TokenStreamClient:
@@ -147,8 +151,9 @@ class TokenStreamClient:
         """
         next_seq = from_seq
         attempt = 0
+        index = self._endpoints.preferred
         while True:
-            call = self._endpoints.stub().Subscribe(
+            call = self._endpoints.stub(index).Subscribe(
                 pb.SubscribeRequest(stream_id=stream_id, from_seq=next_seq),
                 metadata=self._metadata,
             )
@@ -158,13 +163,15 @@ class TokenStreamClient:
                         async with asyncio.timeout(self.heartbeat_timeout):
                             message = await call.read()
                     except TimeoutError:
-                        raise _Silent from None
+                        raise _Silent(
+                            f"no message or heartbeat from {self._endpoints.targets[index]} "
+                            f"for {self.heartbeat_timeout:g} s"
+                        ) from None
                     if message is grpc.aio.EOF:
-                        # The server closed the stream without its `end`: resume elsewhere.
-                        raise _Silent
+                        raise _Silent("the server closed the stream without its end")
                     assert isinstance(message, pb.SubscribeResponse)
+                    self._endpoints.preferred = index
                     kind = message.WhichOneof("event")
-                    attempt = 0  # the server is alive: the retry budget starts over
                     if kind == "chunk":
                         chunk = message.chunk
                         if chunk.start_seq != next_seq or chunk.end_seq < chunk.start_seq:
@@ -173,55 +180,72 @@ class TokenStreamClient:
                                 f"expected seq {next_seq}, got {chunk.start_seq}..{chunk.end_seq}",
                             )
                         next_seq = chunk.end_seq + 1
+                        attempt = 0  # progress: the retry budget starts over
                         yield Chunk(chunk.start_seq, chunk.end_seq, chunk.text)
                     elif kind == "end":
                         yield _checked_end(message.end, next_seq)
                         return
             except grpc.aio.AioRpcError as rpc_error:
                 error = TokenStreamClientError.from_rpc_error(rpc_error)
-                if not _retryable(error):
+                if not _retryable(error, reads=True):
                     raise error from rpc_error
                 cause = f"{error.code.name}: {error.message}"
-            except _Silent:
-                error = TokenStreamClientError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"no message or heartbeat from {self.target} for {self.heartbeat_timeout:g} s",
-                )
+            except _Silent as silent:
+                error = TokenStreamClientError(grpc.StatusCode.UNAVAILABLE, str(silent))
                 cause = error.message
             finally:
                 call.cancel()
             attempt += 1
-            await self._before_retry(attempt, error, cause, next_seq)
+            index = self._endpoints.after(index)
+            await self._before_retry(attempt, error, cause, index, next_seq)
 
     # -- retries ---------------------------------------------------------------------------
 
     async def _unary(self, method: str, request: Any) -> Any:
         attempt = 0
+        index = self._endpoints.preferred
         while True:
-            call = getattr(self._endpoints.stub(), method)
+            call = getattr(self._endpoints.stub(index), method)
             try:
-                return await call(request, timeout=self.timeout, metadata=self._metadata)
+                reply = await call(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as rpc_error:
                 error = TokenStreamClientError.from_rpc_error(rpc_error)
-                if not _retryable(error):
+                if not _retryable(error, reads=False):
                     raise error from rpc_error
                 attempt += 1
-                await self._before_retry(attempt, error, f"{error.code.name}", None)
+                index = self._endpoints.after(index)
+                await self._before_retry(attempt, error, error.code.name, index, None)
+            else:
+                self._endpoints.preferred = index
+                return reply
 
     async def _before_retry(
-        self, attempt: int, error: TokenStreamClientError, cause: str, from_seq: int | None
+        self,
+        attempt: int,
+        error: TokenStreamClientError,
+        cause: str,
+        index: int,
+        from_seq: int | None,
     ) -> None:
         if attempt >= self.retry.max_attempts:
             raise RetriesExhausted(attempt, error) from error
-        self._endpoints.next()
         delay = self.retry.backoff(attempt)
         if self.on_reconnect is not None and from_seq is not None:
-            self.on_reconnect(Reconnect(attempt, cause, self.target, from_seq, delay))
+            target = self._endpoints.targets[index]
+            self.on_reconnect(Reconnect(attempt, cause, target, from_seq, delay))
         await asyncio.sleep(delay)
 
 
-def _retryable(error: TokenStreamClientError) -> bool:
-    return error.code in RETRYABLE_CODES and error.reason not in TERMINAL_REASONS
+def _retryable(error: TokenStreamClientError, *, reads: bool) -> bool:
+    if error.reason in TERMINAL_REASONS:
+        return False
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return error.reason in RETRYABLE_EXHAUSTION_REASONS
+    if reads and error.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        # A subscription is a read: a proxy's RST_STREAM or a torn connection is safe to
+        # retry (the server's own errors carry ErrorInfo and are not these).
+        return not error.reason
+    return error.code in RETRYABLE_CODES
 
 
 def _checked_end(end: pb.StreamEnd, next_seq: int) -> StreamEnd:

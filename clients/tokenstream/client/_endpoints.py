@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,9 +32,18 @@ class ConnectionOptions:
     bearer_token: str | None = None
     keepalive_time: float = 20.0
     keepalive_timeout: float = 10.0
+    # gRPC's own reconnection backoff (default up to 120 s) would keep failing calls with
+    # a cached error after a restarted server is back; keep it short.
+    max_reconnect_backoff: float = 1.0
 
     def channel_options(self) -> list[tuple[str, int]]:
+        reconnect_ms = int(self.max_reconnect_backoff * 1000)
         return [
+            ("grpc.initial_reconnect_backoff_ms", min(100, reconnect_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(100, reconnect_ms)),
+            ("grpc.max_reconnect_backoff_ms", reconnect_ms),
+            # History pages and chunks can be large; the default 4 MB is not a useful limit.
+            ("grpc.max_receive_message_length", -1),
             ("grpc.keepalive_time_ms", int(self.keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
             # gRPC 1.85 only drops the connection on an unanswered ping with this set too.
@@ -49,34 +59,38 @@ class ConnectionOptions:
 
 
 class Endpoints:
-    """Round-robin over the given targets; a channel per target, opened on first use."""
+    """The servers to use, a channel per server (opened on first use), and the one that
+    worked last. Each call keeps its own position, so one call's failover does not move
+    another's."""
 
     def __init__(self, targets: Sequence[str], options: ConnectionOptions) -> None:
         if not targets:
             raise ValueError("give at least one server address (host:port)")
         self.targets = list(targets)
         self._options = options
-        self._index = 0
+        self.preferred = 0  # index of the server that answered last
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     @property
     def target(self) -> str:
-        return self.targets[self._index]
+        return self.targets[self.preferred]
 
-    def stub(self) -> TokenStreamServiceAsyncStub:
-        channel = self._channels.get(self.target)
+    def stub(self, index: int) -> TokenStreamServiceAsyncStub:
+        target = self.targets[index]
+        channel = self._channels.get(target)
         if channel is None:
-            channel = self._channels[self.target] = self._open(self.target)
+            channel = self._channels[target] = self._open(target)
         return pb_grpc.TokenStreamServiceStub(channel)
 
-    def next(self) -> None:
-        """Moves on to the next server (after a failure of the current one)."""
-        self._index = (self._index + 1) % len(self.targets)
+    def after(self, index: int) -> int:
+        """The server to try after `index` failed."""
+        return (index + 1) % len(self.targets)
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
-            await channel.close(grace=None)
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
 
     def _open(self, target: str) -> grpc.aio.Channel:
         options = self._options.channel_options()

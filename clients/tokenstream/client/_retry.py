@@ -19,6 +19,10 @@ RETRYABLE_CODES = frozenset(
     }
 )
 
+# RESOURCE_EXHAUSTED is retried only for these server reasons (capacity that frees up); a
+# message too large for the channel, say, fails the same way every time.
+RETRYABLE_EXHAUSTION_REASONS = frozenset({"TOO_MANY_GENERATIONS", "TOO_MANY_SUBSCRIBERS"})
+
 # The same request will fail the same way: report it.
 TERMINAL_CODES = frozenset(
     {
@@ -46,12 +50,13 @@ class RetryPolicy:
     tokens since its last failure starts again from one.
     """
 
-    max_attempts: int = 8
+    max_attempts: int = 12  # with the defaults, about 25 s of trying
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
     multiplier: float = 2.0
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1-based): in [cap / 2, cap]."""
-        cap = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        exponent = min(attempt - 1, 64)  # the cap is reached long before; avoids overflow
+        cap = min(self.max_backoff, self.initial_backoff * self.multiplier**exponent)
         return cap / 2 + random.uniform(0, cap / 2)  # jitter, not cryptography

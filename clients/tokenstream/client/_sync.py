@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterator, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -20,8 +21,9 @@ class TokenStreamSyncClient:
     """
 
     def __init__(self, targets: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
         self._client = TokenStreamClient(targets, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._streams: set[AsyncGenerator[Chunk | StreamEnd, None]] = set()
 
     def __enter__(self) -> TokenStreamSyncClient:
         return self
@@ -35,9 +37,14 @@ class TokenStreamSyncClient:
         self.close()
 
     def close(self) -> None:
-        if not self._loop.is_closed():
-            self._run(self._client.close())
-            self._loop.close()
+        """Closes open streams and the connections. Safe to call twice."""
+        if self._loop.is_closed():
+            return
+        for items in list(self._streams):
+            self._run(items.aclose())
+        self._run(self._client.close())
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()
 
     def submit(self, prompt: str, **kwargs: Any) -> Submitted:
         return self._run(self._client.submit(prompt, **kwargs))
@@ -56,6 +63,7 @@ class TokenStreamSyncClient:
 
     def stream(self, stream_id: str, from_seq: int = 0) -> Iterator[Chunk | StreamEnd]:
         items = self._client.stream(stream_id, from_seq)
+        self._streams.add(items)
         try:
             while True:
                 try:
@@ -63,7 +71,18 @@ class TokenStreamSyncClient:
                 except StopAsyncIteration:
                     return
         finally:
-            self._run(items.aclose())
+            self._streams.discard(items)
+            if not self._loop.is_closed():
+                self._run(items.aclose())
 
     def _run(self, work: Awaitable[T]) -> T:
-        return self._loop.run_until_complete(work)
+        """Runs `work` to completion; on Ctrl-C (or any interruption) cancels it cleanly."""
+        task = asyncio.ensure_future(work, loop=self._loop)
+        try:
+            return self._loop.run_until_complete(task)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    self._loop.run_until_complete(task)
+            raise

@@ -42,13 +42,24 @@ export interface FollowOptions {
   heartbeatTimeoutMs?: number;
 }
 
-// Re-sending the same request can succeed after these; other codes are final.
+// Re-sending the same request can succeed after these; other codes are final. A
+// subscription is a read, so a torn connection (`Unknown`, `Internal` from a proxy) is
+// retried too.
 const RETRYABLE = new Set<Code>([
   Code.Unavailable,
   Code.DeadlineExceeded,
   Code.ResourceExhausted,
   Code.Aborted,
+  Code.Unknown,
+  Code.Internal,
 ]);
+
+/** An error that a retry cannot fix (the stream broke its sequence guarantee). */
+class Final extends Error {
+  constructor(readonly error: ConnectError) {
+    super(error.message);
+  }
+}
 
 /**
  * Yields the stream's chunks from `fromSeq` on, then its end. After a failure it
@@ -58,30 +69,47 @@ export async function* follow(
   client: TokenStreamClient,
   streamId: string,
   fromSeq = 0n,
-  { maxAttempts = 8, heartbeatTimeoutMs = 30_000 }: FollowOptions = {},
+  { maxAttempts = 12, heartbeatTimeoutMs = 30_000 }: FollowOptions = {},
 ): AsyncGenerator<Piece | End> {
   let next = fromSeq;
   let attempt = 0;
   for (;;) {
     const abort = new AbortController();
     let silent = false;
-    let timer = setTimeout(() => ((silent = true), abort.abort()), heartbeatTimeoutMs);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    // The silence timer runs only while waiting for the server, not while the caller
+    // holds an item.
+    const arm = () => {
+      timer = setTimeout(() => {
+        silent = true;
+        abort.abort();
+      }, heartbeatTimeoutMs);
+    };
+    let failure: ConnectError;
     try {
+      arm();
       for await (const message of client.subscribe(
         { streamId, fromSeq: next },
         { signal: abort.signal },
       )) {
         clearTimeout(timer);
-        timer = setTimeout(() => ((silent = true), abort.abort()), heartbeatTimeoutMs);
-        attempt = 0;
         const event = message.event;
         if (event.case === "chunk") {
-          if (event.value.startSeq !== next) {
-            throw new ConnectError(`expected seq ${next}, got ${event.value.startSeq}`, Code.DataLoss);
+          const { startSeq, endSeq, text } = event.value;
+          if (startSeq !== next || endSeq < startSeq) {
+            throw new Final(
+              new ConnectError(`expected seq ${next}, got ${startSeq}..${endSeq}`, Code.DataLoss),
+            );
           }
-          next = event.value.endSeq + 1n;
-          yield { kind: "chunk", ...pick(event.value) };
+          next = endSeq + 1n;
+          attempt = 0; // progress: the retry budget starts over
+          yield { kind: "chunk", startSeq, endSeq, text };
         } else if (event.case === "end") {
+          if (event.value.finalSeq >= next) {
+            throw new Final(
+              new ConnectError(`the stream ended at ${event.value.finalSeq} before seq ${next}`, Code.DataLoss),
+            );
+          }
           yield {
             kind: "end",
             state: event.value.state,
@@ -91,31 +119,31 @@ export async function* follow(
           };
           return;
         }
+        arm();
       }
-      throw new ConnectError("the stream closed without its end", Code.Unavailable);
+      failure = new ConnectError("the stream closed without its end", Code.Unavailable);
     } catch (caught) {
-      const error = silent
+      if (caught instanceof Final) {
+        throw caught.error;
+      }
+      failure = silent
         ? new ConnectError("no message or heartbeat in time", Code.Unavailable)
         : ConnectError.from(caught);
-      attempt += 1;
-      if (!RETRYABLE.has(error.code) || attempt >= maxAttempts) {
-        throw error;
-      }
-      await sleep(backoffMs(attempt));
     } finally {
       clearTimeout(timer);
       abort.abort();
     }
+    attempt += 1;
+    if (!RETRYABLE.has(failure.code) || attempt >= maxAttempts) {
+      throw failure;
+    }
+    await sleep(backoffMs(attempt));
   }
-}
-
-function pick(chunk: { startSeq: bigint; endSeq: bigint; text: string }) {
-  return { startSeq: chunk.startSeq, endSeq: chunk.endSeq, text: chunk.text };
 }
 
 /** Exponential backoff with jitter: in [cap / 2, cap], cap = min(5 s, 100 ms * 2^(n-1)). */
 export function backoffMs(attempt: number): number {
-  const cap = Math.min(5_000, 100 * 2 ** (attempt - 1));
+  const cap = Math.min(5_000, 100 * 2 ** Math.min(attempt - 1, 64));
   return cap / 2 + Math.random() * (cap / 2);
 }
 

@@ -76,11 +76,15 @@ def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="PEM root certificates for TLS (implies --tls).",
         ),
         click.option(
-            "--timeout", type=float, default=30.0, show_default=True, help="Seconds per call."
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=30.0,
+            show_default=True,
+            help="Seconds per call.",
         ),
         click.option(
             "--heartbeat-timeout",
-            type=float,
+            type=click.FloatRange(min=0, min_open=True),
             default=30.0,
             show_default=True,
             help="Resume a stream silent for this long (3 server heartbeats).",
@@ -102,6 +106,12 @@ def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
         addresses = [
             part.strip() for target in targets for part in target.split(",") if part.strip()
         ]
+        if not addresses:
+            raise click.BadParameter("give at least one host:port", param_hint="--target")
+        if token is not None and (not token.isascii() or not token.isprintable()):
+            raise click.BadParameter(
+                "a bearer token is printable ASCII on one line", param_hint="--token"
+            )
         settings = ClientSettings(
             addresses, as_json, token, tls, ca_file, timeout, heartbeat_timeout
         )

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from tokenstream.client import (
@@ -35,6 +36,8 @@ class Output:
         self.out = Console(highlight=False, markup=False, soft_wrap=True)
         # Live rendering needs real wrapping to know how tall the answer is on screen.
         self.live = Console(highlight=False, markup=False)
+        # While an answer is rendered live, notices must go through it, or they tear it.
+        self.live_display: Live | None = None
 
     @property
     def interactive(self) -> bool:
@@ -75,12 +78,15 @@ class Output:
     def reconnect(self, reconnect: Reconnect) -> None:
         if self.json:
             self._line("reconnect", **_fields(reconnect))
+            return
+        notice = (
+            f"(connection lost; resuming from seq {reconnect.from_seq} on {reconnect.target} "
+            f"in {reconnect.delay:.1f}s)"
+        )
+        if self.live_display is not None:
+            self.live_display.console.print(notice, style="dim")
         else:
-            self.err.print(
-                f"(connection lost: {reconnect.error}; resuming from seq "
-                f"{reconnect.from_seq} on {reconnect.target} in {reconnect.delay:.1f}s)",
-                style="dim",
-            )
+            self.err.print(notice, style="dim")
 
     def cancelled(self, result: CancelResult) -> None:
         if self.json:

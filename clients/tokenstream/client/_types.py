@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from tokenstream.v1 import tokenstream_pb2 as pb
 
@@ -67,8 +67,10 @@ class Turn:
             state=state_name(turn.state),
             model=turn.model,
             head_seq=turn.head_seq,
-            created_at=turn.created_at.ToDatetime(),
-            finished_at=turn.finished_at.ToDatetime() if turn.HasField("finished_at") else None,
+            created_at=turn.created_at.ToDatetime(tzinfo=UTC),
+            finished_at=(
+                turn.finished_at.ToDatetime(tzinfo=UTC) if turn.HasField("finished_at") else None
+            ),
             reason=turn.reason,
             error=turn.error,
         )

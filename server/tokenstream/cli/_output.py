@@ -44,7 +44,8 @@ class Output:
         return not self.json and self.out.is_terminal
 
     def _line(self, kind: str, **fields: Any) -> None:
-        click.echo(json.dumps({"type": kind, **fields}, ensure_ascii=False, default=str))
+        # ASCII-only JSON: no character in a line can look like a line break to a reader.
+        click.echo(json.dumps({"type": kind, **fields}, default=str))
 
     def submitted(self, submitted: Submitted, *, following: bool) -> None:
         if self.json:

@@ -5,13 +5,78 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import wraps
+from pathlib import Path
+from typing import Any
 
 import click
 
+from tokenstream.server.auth import AuthSettings
 from tokenstream.server.config import DEFAULT_DATABASE_URL, ServerConfig
 from tokenstream.server.storage.repository import PurgeResult
+
+
+@dataclass(frozen=True, slots=True)
+class _Security:
+    auth: AuthSettings
+    insecure_no_auth: bool
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_client_ca: Path | None
+
+
+def _security_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Authentication and TLS options of `serve`, passed on as `security`."""
+    existing = click.Path(exists=True, dir_okay=False, path_type=Path)
+    options = [
+        click.option("--api-keys-file", type=existing, help="TOML file of [[keys]] user/key."),
+        click.option(
+            "--jwt-secret",
+            envvar="TOKENSTREAM_JWT_SECRET",
+            default=None,
+            help="Accept HS256 JWTs signed with this secret. Env: TOKENSTREAM_JWT_SECRET.",
+        ),
+        click.option("--jwt-public-key", type=existing, help="Accept RS256 JWTs (PEM key)."),
+        click.option("--jwt-issuer", default=None, help="Required `iss` of JWTs."),
+        click.option("--jwt-audience", default=None, help="Required `aud` of JWTs."),
+        click.option(
+            "--insecure-no-auth",
+            is_flag=True,
+            help="Serve a non-loopback address without authentication (trusted networks).",
+        ),
+        click.option("--tls-cert", type=existing, help="Server certificate chain (PEM)."),
+        click.option("--tls-key", type=existing, help="Server private key (PEM)."),
+        click.option(
+            "--tls-client-ca",
+            type=existing,
+            help="Require client certificates signed by this CA (mutual TLS).",
+        ),
+    ]
+
+    @wraps(command)
+    def wrapper(
+        *args: Any,
+        api_keys_file: Path | None,
+        jwt_secret: str | None,
+        jwt_public_key: Path | None,
+        jwt_issuer: str | None,
+        jwt_audience: str | None,
+        insecure_no_auth: bool,
+        tls_cert: Path | None,
+        tls_key: Path | None,
+        tls_client_ca: Path | None,
+        **kwargs: Any,
+    ) -> Any:
+        auth = AuthSettings(api_keys_file, jwt_secret, jwt_public_key, jwt_issuer, jwt_audience)
+        security = _Security(auth, insecure_no_auth, tls_cert, tls_key, tls_client_ca)
+        return command(*args, security=security, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @click.command()
@@ -100,6 +165,7 @@ from tokenstream.server.storage.repository import PurgeResult
     show_default=True,
     help="Seconds running calls get to finish on SIGTERM.",
 )
+@_security_options
 def serve(
     host: str,
     port: int,
@@ -118,8 +184,13 @@ def serve(
     max_generations_per_caller: int,
     max_subscribers_per_stream: int,
     shutdown_grace: float,
+    security: _Security,
 ) -> None:
-    """Run the server until SIGINT/SIGTERM."""
+    """Run the server until SIGINT/SIGTERM.
+
+    Without --api-keys-file or --jwt-* options, authentication is off: allowed (with a
+    loud warning) only on a loopback address, or with --insecure-no-auth.
+    """
     from tokenstream.server.app import serve as run_server
 
     logging.basicConfig(
@@ -135,6 +206,11 @@ def serve(
         default_model=default_model,
         shutdown_grace=shutdown_grace,
         keepalive_time=keepalive_time,
+        auth=security.auth,
+        insecure_no_auth=security.insecure_no_auth,
+        tls_cert_file=security.tls_cert,
+        tls_key_file=security.tls_key,
+        tls_client_ca_file=security.tls_client_ca,
         engine=replace(
             base.engine,
             heartbeat_interval=heartbeat_interval,
@@ -148,11 +224,12 @@ def serve(
             max_subscribers_per_stream=max_subscribers_per_stream,
         ),
     )
+    from tokenstream.server.auth import ConfigurationError
     from tokenstream.server.storage.sql import DatabaseInUse
 
     try:
         asyncio.run(run_server(config))
-    except (DatabaseInUse, OSError) as exc:
+    except (DatabaseInUse, OSError, ConfigurationError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tokenstream.server.auth import LOOPBACK_HOSTS, Authenticator, ConfigurationError
 from tokenstream.server.config import ServerConfig
 from tokenstream.server.models import builtin_registry
 from tokenstream.server.storage.sql import (
@@ -24,7 +25,11 @@ from tokenstream.server.storage.sql import (
     upgrade_to_head,
 )
 from tokenstream.server.streams import StreamEngine
-from tokenstream.server.transport import DomainErrorInterceptor, TokenStreamServicer
+from tokenstream.server.transport import (
+    AuthInterceptor,
+    DomainErrorInterceptor,
+    TokenStreamServicer,
+)
 from tokenstream.v1 import tokenstream_pb2 as pb
 from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
 
@@ -103,6 +108,43 @@ class TokenStreamServer:
         await self._grpc.wait_for_termination()
 
 
+def authenticator_for(config: ServerConfig) -> Authenticator | None:
+    """The authenticator, or None for development mode, which is only allowed loudly.
+
+    Without configured credentials the server runs open only on a loopback address (or
+    with an explicit --insecure-no-auth); it never silently serves a network unguarded.
+    """
+    if config.auth.configured:
+        return Authenticator(config.auth)
+    if config.host not in LOOPBACK_HOSTS and not config.insecure_no_auth:
+        raise ConfigurationError(
+            f"refusing to serve {config.host} without authentication: configure API keys "
+            "(--api-keys-file) or JWT verification (--jwt-secret / --jwt-public-key), or "
+            "pass --insecure-no-auth if this network is trusted"
+        )
+    log.warning(
+        "AUTHENTICATION IS OFF (development mode): every caller on %s is accepted as "
+        "'developer'. Configure --api-keys-file or --jwt-* before exposing this server.",
+        config.host,
+    )
+    return None
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert_file is None and config.tls_key_file is None:
+        if config.tls_client_ca_file is not None:
+            raise ConfigurationError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        raise ConfigurationError("TLS needs both --tls-cert and --tls-key")
+    client_ca = config.tls_client_ca_file.read_bytes() if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     keepalive_ms = int(config.keepalive_time * 1000)
     return [
@@ -124,12 +166,15 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 async def create_server(config: ServerConfig) -> tuple[TokenStreamServer, int]:
     """Builds and binds the server (not started). Port 0 binds a free port."""
+    # Settings errors first, before anything is created on disk.
+    authenticator = authenticator_for(config)
+    credentials = server_credentials(config)
     sqlite = is_sqlite(config.database_url)
     db_lock = SqliteFileLock(config.database_url) if sqlite else None
     if db_lock is not None:
         db_lock.acquire()
     try:
-        return await _build(config, sqlite, db_lock)
+        return await _build(config, sqlite, db_lock, authenticator, credentials)
     except BaseException:
         if db_lock is not None:
             db_lock.release()
@@ -137,7 +182,11 @@ async def create_server(config: ServerConfig) -> tuple[TokenStreamServer, int]:
 
 
 async def _build(
-    config: ServerConfig, sqlite: bool, db_lock: SqliteFileLock | None
+    config: ServerConfig,
+    sqlite: bool,
+    db_lock: SqliteFileLock | None,
+    authenticator: Authenticator | None,
+    credentials: grpc.ServerCredentials | None,
 ) -> tuple[TokenStreamServer, int]:
     db = create_engine(config.database_url)
     if config.migrate:
@@ -152,8 +201,10 @@ async def _build(
         sole_writer=sqlite,
     )
 
+    # Order matters: errors (including UNAUTHENTICATED) are mapped outermost.
     grpc_server = grpc.aio.server(
-        interceptors=[DomainErrorInterceptor()], options=server_options(config)
+        interceptors=[DomainErrorInterceptor(), AuthInterceptor(authenticator)],
+        options=server_options(config),
     )
     pb_grpc.add_TokenStreamServiceServicer_to_server(TokenStreamServicer(engine), grpc_server)
     health_servicer = health.aio.HealthServicer()
@@ -162,7 +213,11 @@ async def _build(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server
     )
     try:
-        port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if credentials is None:
+            port = grpc_server.add_insecure_port(address)
+        else:
+            port = grpc_server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         await db.dispose()
         raise OSError(f"could not listen on {config.host}:{config.port}: {exc}") from exc

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from tokenstream.server.auth import AuthSettings
 from tokenstream.server.streams.settings import EngineSettings
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///tokenstream.db"
@@ -25,3 +27,11 @@ class ServerConfig:
     keepalive_time: float = 30.0
     keepalive_timeout: float = 10.0
     engine: EngineSettings = field(default_factory=EngineSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    # Serve without authentication on a non-loopback address (never the default).
+    insecure_no_auth: bool = False
+    # TLS: the server's certificate chain and key (PEM); with a client CA, mutual TLS
+    # (clients must present a certificate signed by it).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None

@@ -13,7 +13,9 @@ maps each class to exactly one gRPC status code in one place
     │                        stream
     ├── AlreadyExists        request_id reused for another request   -> ALREADY_EXISTS
     ├── ResourceExhausted    a configured limit was reached          -> RESOURCE_EXHAUSTED
-    └── Unavailable          the server is shutting down             -> UNAVAILABLE
+    ├── Unavailable          the server is shutting down             -> UNAVAILABLE
+    └── Unauthenticated      missing, malformed or invalid           -> UNAUTHENTICATED
+                             credentials
 
 Storage has its own errors (``tokenstream.server.storage.errors``); the engine translates
 them into these, chained with ``from``.
@@ -79,3 +81,9 @@ class Unavailable(TokenStreamError):
     """The server cannot take the call now (e.g. it is shutting down); retry elsewhere."""
 
     default_reason = "UNAVAILABLE"
+
+
+class Unauthenticated(TokenStreamError):
+    """The call carries no valid credentials."""
+
+    default_reason = "UNAUTHENTICATED"

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from tokenstream.server.streams import StreamEngine, SubmitCommand
+from tokenstream.server.transport.auth import current_principal
 from tokenstream.server.transport.convert import (
     event_to_proto,
     history_turn_to_proto,
@@ -19,10 +20,11 @@ from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
 
 
 def caller_of(context: grpc.aio.ServicerContext[object, object]) -> str:
-    """Who is calling, for per-caller limits: the peer's address without its port.
-
-    (Once calls are authenticated, the principal takes this place.)
-    """
+    """Who is calling, for per-caller limits: the authenticated user, or in development
+    mode (no authentication) the peer's address without its port."""
+    principal = current_principal()
+    if principal is not None and principal.method != "development":
+        return principal.user_id
     peer = context.peer() or ""
     host, _, _port = peer.rpartition(":")
     return host or peer

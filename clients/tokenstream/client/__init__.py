@@ -13,6 +13,8 @@ from tokenstream.client._sync import TokenStreamSyncClient
 from tokenstream.client._types import (
     CancelResult,
     Chunk,
+    Conversation,
+    Member,
     Reconnect,
     StreamEnd,
     StreamInfo,
@@ -27,6 +29,8 @@ __all__ = [
     "CancelResult",
     "Chunk",
     "ConnectionOptions",
+    "Conversation",
+    "Member",
     "Reconnect",
     "RetriesExhausted",
     "RetryPolicy",

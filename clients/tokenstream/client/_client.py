@@ -20,6 +20,8 @@ from tokenstream.client._retry import (
 from tokenstream.client._types import (
     CancelResult,
     Chunk,
+    Conversation,
+    Member,
     Reconnect,
     StreamEnd,
     StreamInfo,
@@ -138,6 +140,50 @@ class TokenStreamClient:
             token = page.next_page_token
             if not token:
                 return
+
+    async def create_conversation(self) -> Conversation:
+        reply: pb.CreateConversationResponse = await self._unary(
+            "CreateConversation", pb.CreateConversationRequest()
+        )
+        return Conversation.from_proto(reply.conversation)
+
+    async def get_conversation(self, conversation_id: str) -> Conversation:
+        reply: pb.GetConversationResponse = await self._unary(
+            "GetConversation", pb.GetConversationRequest(conversation_id=conversation_id)
+        )
+        return Conversation.from_proto(reply.conversation)
+
+    async def conversations(self, page_size: int = 0) -> AsyncIterator[Conversation]:
+        """The caller's conversations, newest first, fetching pages as needed."""
+        token = ""
+        while True:
+            page: pb.ListConversationsResponse = await self._unary(
+                "ListConversations",
+                pb.ListConversationsRequest(page_size=page_size, page_token=token),
+            )
+            for conversation in page.conversations:
+                yield Conversation.from_proto(conversation)
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def add_member(self, conversation_id: str, user_id: str, role: str) -> Member:
+        """Adds `user_id` as OWNER, MEMBER or VIEWER (or changes their role)."""
+        reply: pb.AddMemberResponse = await self._unary(
+            "AddMember",
+            pb.AddMemberRequest(
+                conversation_id=conversation_id,
+                user_id=user_id,
+                role=pb.Role.Value(f"ROLE_{role.upper()}"),
+            ),
+        )
+        return Member.from_proto(reply.member)
+
+    async def remove_member(self, conversation_id: str, user_id: str) -> None:
+        await self._unary(
+            "RemoveMember",
+            pb.RemoveMemberRequest(conversation_id=conversation_id, user_id=user_id),
+        )
 
     async def stream(
         self, stream_id: str, from_seq: int = 0

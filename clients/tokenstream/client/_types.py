@@ -91,3 +91,34 @@ class Reconnect:
     target: str
     from_seq: int
     delay: float
+
+
+def role_name(value: pb.Role.ValueType) -> str:
+    """`ROLE_OWNER` -> `OWNER`."""
+    return pb.Role.Name(value).removeprefix("ROLE_")
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    user_id: str
+    role: str  # OWNER, MEMBER or VIEWER
+    added_at: datetime
+
+    @classmethod
+    def from_proto(cls, member: pb.Member) -> Member:
+        return cls(member.user_id, role_name(member.role), member.added_at.ToDatetime(tzinfo=UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    conversation_id: str
+    created_at: datetime
+    members: tuple[Member, ...]
+
+    @classmethod
+    def from_proto(cls, conversation: pb.Conversation) -> Conversation:
+        return cls(
+            conversation.conversation_id,
+            conversation.created_at.ToDatetime(tzinfo=UTC),
+            tuple(Member.from_proto(m) for m in conversation.members),
+        )

@@ -66,6 +66,31 @@ class TokenStreamServiceStub:
                 request_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.GetStreamRequest.SerializeToString,
                 response_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.GetStreamResponse.FromString,
                 _registered_method=True)
+        self.CreateConversation = channel.unary_unary(
+                '/tokenstream.v1.TokenStreamService/CreateConversation',
+                request_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.CreateConversationRequest.SerializeToString,
+                response_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.CreateConversationResponse.FromString,
+                _registered_method=True)
+        self.GetConversation = channel.unary_unary(
+                '/tokenstream.v1.TokenStreamService/GetConversation',
+                request_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.GetConversationRequest.SerializeToString,
+                response_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.GetConversationResponse.FromString,
+                _registered_method=True)
+        self.ListConversations = channel.unary_unary(
+                '/tokenstream.v1.TokenStreamService/ListConversations',
+                request_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.ListConversationsRequest.SerializeToString,
+                response_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.ListConversationsResponse.FromString,
+                _registered_method=True)
+        self.AddMember = channel.unary_unary(
+                '/tokenstream.v1.TokenStreamService/AddMember',
+                request_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.AddMemberRequest.SerializeToString,
+                response_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.AddMemberResponse.FromString,
+                _registered_method=True)
+        self.RemoveMember = channel.unary_unary(
+                '/tokenstream.v1.TokenStreamService/RemoveMember',
+                request_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberRequest.SerializeToString,
+                response_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberResponse.FromString,
+                _registered_method=True)
 
 
 class TokenStreamServiceServicer:
@@ -117,6 +142,41 @@ class TokenStreamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateConversation(self, request, context):
+        """Creates an empty conversation owned by the caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConversation(self, request, context):
+        """Returns a conversation and its members (members only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConversations(self, request, context):
+        """Lists the conversations the caller belongs to, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddMember(self, request, context):
+        """Adds a user to a conversation, or changes their role (owners only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMember(self, request, context):
+        """Removes a user from a conversation (owners only; the last owner cannot leave).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenStreamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +204,31 @@ def add_TokenStreamServiceServicer_to_server(servicer, server):
                     servicer.GetStream,
                     request_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.GetStreamRequest.FromString,
                     response_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.GetStreamResponse.SerializeToString,
+            ),
+            'CreateConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateConversation,
+                    request_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.CreateConversationRequest.FromString,
+                    response_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.CreateConversationResponse.SerializeToString,
+            ),
+            'GetConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConversation,
+                    request_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.GetConversationRequest.FromString,
+                    response_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.GetConversationResponse.SerializeToString,
+            ),
+            'ListConversations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConversations,
+                    request_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.ListConversationsRequest.FromString,
+                    response_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.ListConversationsResponse.SerializeToString,
+            ),
+            'AddMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMember,
+                    request_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.AddMemberRequest.FromString,
+                    response_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.AddMemberResponse.SerializeToString,
+            ),
+            'RemoveMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMember,
+                    request_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberRequest.FromString,
+                    response_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -288,6 +373,141 @@ class TokenStreamService:
             '/tokenstream.v1.TokenStreamService/GetStream',
             tokenstream_dot_v1_dot_tokenstream__pb2.GetStreamRequest.SerializeToString,
             tokenstream_dot_v1_dot_tokenstream__pb2.GetStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenstream.v1.TokenStreamService/CreateConversation',
+            tokenstream_dot_v1_dot_tokenstream__pb2.CreateConversationRequest.SerializeToString,
+            tokenstream_dot_v1_dot_tokenstream__pb2.CreateConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenstream.v1.TokenStreamService/GetConversation',
+            tokenstream_dot_v1_dot_tokenstream__pb2.GetConversationRequest.SerializeToString,
+            tokenstream_dot_v1_dot_tokenstream__pb2.GetConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConversations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenstream.v1.TokenStreamService/ListConversations',
+            tokenstream_dot_v1_dot_tokenstream__pb2.ListConversationsRequest.SerializeToString,
+            tokenstream_dot_v1_dot_tokenstream__pb2.ListConversationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenstream.v1.TokenStreamService/AddMember',
+            tokenstream_dot_v1_dot_tokenstream__pb2.AddMemberRequest.SerializeToString,
+            tokenstream_dot_v1_dot_tokenstream__pb2.AddMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenstream.v1.TokenStreamService/RemoveMember',
+            tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberRequest.SerializeToString,
+            tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberResponse.FromString,
             options,
             channel_credentials,
             insecure,

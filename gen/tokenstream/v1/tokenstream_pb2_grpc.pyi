@@ -57,6 +57,16 @@ class TokenStreamServiceStub:
     """Returns the turns (prompt and response) of a conversation, oldest first."""
     GetStream: _grpc.UnaryUnaryMultiCallable[_tokenstream_pb2.GetStreamRequest, _tokenstream_pb2.GetStreamResponse]
     """Returns the current state of one stream without subscribing to it."""
+    CreateConversation: _grpc.UnaryUnaryMultiCallable[_tokenstream_pb2.CreateConversationRequest, _tokenstream_pb2.CreateConversationResponse]
+    """Creates an empty conversation owned by the caller."""
+    GetConversation: _grpc.UnaryUnaryMultiCallable[_tokenstream_pb2.GetConversationRequest, _tokenstream_pb2.GetConversationResponse]
+    """Returns a conversation and its members (members only)."""
+    ListConversations: _grpc.UnaryUnaryMultiCallable[_tokenstream_pb2.ListConversationsRequest, _tokenstream_pb2.ListConversationsResponse]
+    """Lists the conversations the caller belongs to, newest first."""
+    AddMember: _grpc.UnaryUnaryMultiCallable[_tokenstream_pb2.AddMemberRequest, _tokenstream_pb2.AddMemberResponse]
+    """Adds a user to a conversation, or changes their role (owners only)."""
+    RemoveMember: _grpc.UnaryUnaryMultiCallable[_tokenstream_pb2.RemoveMemberRequest, _tokenstream_pb2.RemoveMemberResponse]
+    """Removes a user from a conversation (owners only; the last owner cannot leave)."""
 
 @_typing.type_check_only
 class TokenStreamServiceAsyncStub(TokenStreamServiceStub):
@@ -87,6 +97,16 @@ class TokenStreamServiceAsyncStub(TokenStreamServiceStub):
     """Returns the turns (prompt and response) of a conversation, oldest first."""
     GetStream: _aio.UnaryUnaryMultiCallable[_tokenstream_pb2.GetStreamRequest, _tokenstream_pb2.GetStreamResponse]  # type: ignore[assignment]
     """Returns the current state of one stream without subscribing to it."""
+    CreateConversation: _aio.UnaryUnaryMultiCallable[_tokenstream_pb2.CreateConversationRequest, _tokenstream_pb2.CreateConversationResponse]  # type: ignore[assignment]
+    """Creates an empty conversation owned by the caller."""
+    GetConversation: _aio.UnaryUnaryMultiCallable[_tokenstream_pb2.GetConversationRequest, _tokenstream_pb2.GetConversationResponse]  # type: ignore[assignment]
+    """Returns a conversation and its members (members only)."""
+    ListConversations: _aio.UnaryUnaryMultiCallable[_tokenstream_pb2.ListConversationsRequest, _tokenstream_pb2.ListConversationsResponse]  # type: ignore[assignment]
+    """Lists the conversations the caller belongs to, newest first."""
+    AddMember: _aio.UnaryUnaryMultiCallable[_tokenstream_pb2.AddMemberRequest, _tokenstream_pb2.AddMemberResponse]  # type: ignore[assignment]
+    """Adds a user to a conversation, or changes their role (owners only)."""
+    RemoveMember: _aio.UnaryUnaryMultiCallable[_tokenstream_pb2.RemoveMemberRequest, _tokenstream_pb2.RemoveMemberResponse]  # type: ignore[assignment]
+    """Removes a user from a conversation (owners only; the last owner cannot leave)."""
 
 class TokenStreamServiceServicer(metaclass=_abc_1.ABCMeta):
     """TokenStreamService starts generations and streams their tokens.
@@ -144,5 +164,45 @@ class TokenStreamServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tokenstream_pb2.GetStreamResponse, _abc.Awaitable[_tokenstream_pb2.GetStreamResponse]]:
         """Returns the current state of one stream without subscribing to it."""
+
+    @_abc_1.abstractmethod
+    def CreateConversation(
+        self,
+        request: _tokenstream_pb2.CreateConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokenstream_pb2.CreateConversationResponse, _abc.Awaitable[_tokenstream_pb2.CreateConversationResponse]]:
+        """Creates an empty conversation owned by the caller."""
+
+    @_abc_1.abstractmethod
+    def GetConversation(
+        self,
+        request: _tokenstream_pb2.GetConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokenstream_pb2.GetConversationResponse, _abc.Awaitable[_tokenstream_pb2.GetConversationResponse]]:
+        """Returns a conversation and its members (members only)."""
+
+    @_abc_1.abstractmethod
+    def ListConversations(
+        self,
+        request: _tokenstream_pb2.ListConversationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokenstream_pb2.ListConversationsResponse, _abc.Awaitable[_tokenstream_pb2.ListConversationsResponse]]:
+        """Lists the conversations the caller belongs to, newest first."""
+
+    @_abc_1.abstractmethod
+    def AddMember(
+        self,
+        request: _tokenstream_pb2.AddMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokenstream_pb2.AddMemberResponse, _abc.Awaitable[_tokenstream_pb2.AddMemberResponse]]:
+        """Adds a user to a conversation, or changes their role (owners only)."""
+
+    @_abc_1.abstractmethod
+    def RemoveMember(
+        self,
+        request: _tokenstream_pb2.RemoveMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokenstream_pb2.RemoveMemberResponse, _abc.Awaitable[_tokenstream_pb2.RemoveMemberResponse]]:
+        """Removes a user from a conversation (owners only; the last owner cannot leave)."""
 
 def add_TokenStreamServiceServicer_to_server(servicer: TokenStreamServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

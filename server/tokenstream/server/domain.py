@@ -28,6 +28,17 @@ _TERMINAL = frozenset({StreamState.COMPLETED, StreamState.CANCELLED, StreamState
 ACTIVE_STATES = (StreamState.PENDING, StreamState.RUNNING)
 
 
+class Role(enum.IntEnum):
+    """What a member may do; a higher value may do less (OWNER < MEMBER < VIEWER)."""
+
+    OWNER = 1
+    MEMBER = 2
+    VIEWER = 3
+
+    def allows(self, needed: Role) -> bool:
+        return self <= needed
+
+
 class EndReason:
     """Short causes of FAILED streams, part of the public contract (StreamEnd.reason)."""
 
@@ -139,6 +150,7 @@ class StreamRecord:
     finished_at: datetime | None = None
     reason: str = ""
     error: str = ""
+    author: str | None = None  # the user who submitted it (None: unauthenticated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,3 +171,18 @@ class Ending:
     error: str = ""
     # Release the stream's request_id, so a retry of the request starts a new stream.
     forget_request: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    user_id: str
+    role: Role
+    added_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    conversation_id: str
+    created_at: datetime
+    members: tuple[Member, ...]
+    cursor: int  # position among conversations, for pagination

@@ -14,8 +14,12 @@ maps each class to exactly one gRPC status code in one place
     ├── AlreadyExists        request_id reused for another request   -> ALREADY_EXISTS
     ├── ResourceExhausted    a configured limit was reached          -> RESOURCE_EXHAUSTED
     ├── Unavailable          the server is shutting down             -> UNAVAILABLE
-    └── Unauthenticated      missing, malformed or invalid           -> UNAUTHENTICATED
-                             credentials
+    ├── Unauthenticated      missing, malformed or invalid           -> UNAUTHENTICATED
+    │                        credentials
+    ├── PermissionDenied     a member whose role does not allow it   -> PERMISSION_DENIED
+    │                        (non-members get NotFound: ids cannot be probed)
+    └── FailedPrecondition   not in a state that allows it           -> FAILED_PRECONDITION
+                             (e.g. removing the last owner)
 
 Storage has its own errors (``tokenstream.server.storage.errors``); the engine translates
 them into these, chained with ``from``.
@@ -87,3 +91,15 @@ class Unauthenticated(TokenStreamError):
     """The call carries no valid credentials."""
 
     default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(TokenStreamError):
+    """The caller belongs to the conversation, but their role does not allow this."""
+
+    default_reason = "PERMISSION_DENIED"
+
+
+class FailedPrecondition(TokenStreamError):
+    """The request is valid but the current state does not allow it."""
+
+    default_reason = "FAILED_PRECONDITION"

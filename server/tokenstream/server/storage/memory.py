@@ -7,7 +7,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from tokenstream.server.domain import Ending, StreamRecord, StreamState, TokenRun, Turn, join_runs
+from tokenstream.server.domain import (
+    Conversation,
+    Ending,
+    Member,
+    Role,
+    StreamRecord,
+    StreamState,
+    TokenRun,
+    Turn,
+    join_runs,
+)
 from tokenstream.server.storage.errors import AlreadyExists, NotFound
 from tokenstream.server.storage.repository import (
     CommitResult,
@@ -32,6 +42,8 @@ class MemoryStreamRepository:
         self._streams: dict[str, _Stream] = {}
         self._conversations: set[str] = set()
         self._conversation_created: dict[str, datetime] = {}
+        self._conversation_cursor: dict[str, int] = {}
+        self._members: dict[str, dict[str, Member]] = {}
         self._request_ids: dict[str, str] = {}
         self._next_cursor = 1
         self.commits = 0  # visible to tests: how many group commits reached the store
@@ -55,7 +67,8 @@ class MemoryStreamRepository:
             new.request_id is not None and new.request_id in self._request_ids
         ):
             raise AlreadyExists(new.request_id or new.stream_id)
-        self._conversations.add(new.conversation_id)
+        if new.new_conversation:
+            self._add_conversation(new.conversation_id, new.author, new.created_at)
         record = StreamRecord(
             stream_id=new.stream_id,
             conversation_id=new.conversation_id,
@@ -67,11 +80,11 @@ class MemoryStreamRepository:
             state=StreamState.RUNNING,
             head_seq=-1,
             created_at=new.created_at,
+            author=new.author,
         )
         self._streams[new.stream_id] = _Stream(
             record, self._next_cursor, owner_id=new.owner_id, lease_expires_at=new.lease_expires_at
         )
-        self._conversation_created.setdefault(new.conversation_id, new.created_at)
         self._next_cursor += 1
         if new.request_id is not None:
             self._request_ids[new.request_id] = new.stream_id
@@ -191,7 +204,66 @@ class MemoryStreamRepository:
             if c not in in_use and self._conversation_created.get(c, before) < before
         ]
         self._conversations.difference_update(empty)
+        for conversation_id in empty:
+            self._members.pop(conversation_id, None)
         return PurgeResult(len(old), len(empty))
+
+    async def create_conversation(
+        self, conversation_id: str, owner: str | None, at: datetime
+    ) -> Conversation:
+        if conversation_id in self._conversations:
+            raise AlreadyExists(conversation_id)
+        self._add_conversation(conversation_id, owner, at)
+        return await self.get_conversation(conversation_id)
+
+    async def get_conversation(self, conversation_id: str) -> Conversation:
+        if conversation_id not in self._conversations:
+            raise NotFound(conversation_id)
+        people = sorted(self._members[conversation_id].values(), key=lambda m: (m.role, m.user_id))
+        return Conversation(
+            conversation_id,
+            self._conversation_created[conversation_id],
+            tuple(people),
+            self._conversation_cursor[conversation_id],
+        )
+
+    async def role_of(self, conversation_id: str, user_id: str) -> Role | None:
+        member = self._members.get(conversation_id, {}).get(user_id)
+        return None if member is None else member.role
+
+    async def list_conversations(
+        self, user_id: str | None, before: int, limit: int
+    ) -> list[Conversation]:
+        chosen = sorted(
+            (
+                c
+                for c in self._conversations
+                if (user_id is None or user_id in self._members[c])
+                and (not before or self._conversation_cursor[c] < before)
+            ),
+            key=lambda c: -self._conversation_cursor[c],
+        )
+        return [await self.get_conversation(c) for c in chosen[:limit]]
+
+    async def set_member(
+        self, conversation_id: str, user_id: str, role: Role, at: datetime
+    ) -> Member:
+        if conversation_id not in self._conversations:
+            raise NotFound(conversation_id)
+        member = self._members[conversation_id][user_id] = Member(user_id, role, at)
+        return member
+
+    async def remove_member(self, conversation_id: str, user_id: str) -> bool:
+        return self._members.get(conversation_id, {}).pop(user_id, None) is not None
+
+    def _add_conversation(self, conversation_id: str, owner: str | None, at: datetime) -> None:
+        self._conversations.add(conversation_id)
+        self._conversation_created[conversation_id] = at
+        self._conversation_cursor[conversation_id] = self._next_cursor
+        self._next_cursor += 1
+        self._members[conversation_id] = {}
+        if owner:
+            self._members[conversation_id][owner] = Member(owner, Role.OWNER, at)
 
     def _get(self, stream_id: str) -> _Stream:
         try:

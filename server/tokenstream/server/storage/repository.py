@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from tokenstream.server.domain import Ending, StreamRecord, TokenRun, Turn
+from tokenstream.server.domain import (
+    Conversation,
+    Ending,
+    Member,
+    Role,
+    StreamRecord,
+    TokenRun,
+    Turn,
+)
 from tokenstream.server.storage.errors import StorageError
 
 
@@ -27,6 +35,8 @@ class NewStream:
     # The generating server's claim on the stream (see `renew_leases`).
     owner_id: str | None = None
     lease_expires_at: datetime | None = None
+    # Who submits it; for a new conversation, its first owner (None: unauthenticated).
+    author: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +128,36 @@ class StreamRepository(Protocol):
     async def purge_finished(self, before: datetime) -> PurgeResult:
         """Deletes streams that ended before `before`, and conversations left empty by it
         that were created before `before`."""
+        ...
+
+    async def create_conversation(
+        self, conversation_id: str, owner: str | None, at: datetime
+    ) -> Conversation: ...
+
+    async def get_conversation(self, conversation_id: str) -> Conversation:
+        """Raises NotFound."""
+        ...
+
+    async def role_of(self, conversation_id: str, user_id: str) -> Role | None:
+        """The user's role, or None when they are not a member (or there is no such
+        conversation)."""
+        ...
+
+    async def list_conversations(
+        self, user_id: str | None, before: int, limit: int
+    ) -> list[Conversation]:
+        """Conversations `user_id` belongs to (all, for None), newest first, with cursor
+        below `before` (0: from the newest)."""
+        ...
+
+    async def set_member(
+        self, conversation_id: str, user_id: str, role: Role, at: datetime
+    ) -> Member:
+        """Adds the member or changes their role. Raises NotFound."""
+        ...
+
+    async def remove_member(self, conversation_id: str, user_id: str) -> bool:
+        """False when they were not a member."""
         ...
 
     async def close(self) -> None: ...

@@ -16,12 +16,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from tokenstream.server import ids
-from tokenstream.server.domain import Ending, EndReason, StreamRecord, StreamState, Turn
+from tokenstream.server.domain import (
+    Conversation,
+    Ending,
+    EndReason,
+    Member,
+    Role,
+    StreamRecord,
+    StreamState,
+    Turn,
+)
 from tokenstream.server.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
@@ -54,6 +65,8 @@ class SubmitCommand:
     max_tokens: int = 0
     # Who asks, for per-caller limits (the authenticated principal, else the peer address).
     caller: str = ""
+    # The authenticated user (None without authentication: no access control).
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +80,12 @@ class Submission:
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
     turns: list[Turn]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationPage:
+    conversations: list[Conversation]
     next_page_token: str
 
 
@@ -157,6 +176,8 @@ class StreamEngine:
         self._validate(command)
         model, source = self._models.resolve(command.model)
         self._check_accepting()
+        if command.conversation_id:
+            await self._require(command.conversation_id, command.user, Role.MEMBER)
         request_hash = _fingerprint(command) if command.request_id else None
         if command.request_id:
             earlier = await guarded(self._repository.find_by_request_id(command.request_id))
@@ -176,6 +197,7 @@ class StreamEngine:
             created_at=_now(),
             owner_id=self._leases.owner_id,
             lease_expires_at=self._leases.expires_at(),
+            author=command.user,
         )
         # Created and started by a task of its own: a caller that goes away meanwhile
         # (deadline, disconnect) cannot leave behind a stream that nobody generates; its
@@ -299,17 +321,25 @@ class StreamEngine:
 
     # -- cancel --------------------------------------------------------------------------
 
-    async def cancel(self, stream_id: str) -> StreamRecord:
-        """Stops the stream before its next token; returns its final record."""
+    async def cancel(self, stream_id: str, user: str | None = None) -> StreamRecord:
+        """Stops the stream before its next token; returns its final record.
+
+        Allowed to the stream's author and the conversation's owners.
+        """
         ids.check_stream_id(stream_id)
+        record = await get_record(self._repository, stream_id)
+        if user is not None:
+            role = await self._stream_role(record, user)
+            if not role.allows(Role.OWNER) and record.author != user:
+                raise PermissionDenied(
+                    "only the stream's author or the conversation's owners can cancel it",
+                    reason="NOT_AUTHOR_OR_OWNER",
+                )
         live = self._generations.live.get(stream_id)
         if live is None:
-            record = await get_record(self._repository, stream_id)
-            live = self._generations.live.get(stream_id)  # it may have started while we read
-            if live is None:
-                if record.state.is_terminal:
-                    return record
-                return await self._cancel_in_store(stream_id)
+            if record.state.is_terminal:
+                return record
+            return await self._cancel_in_store(stream_id)
         self._generations.request_stop(live, CANCELLED)
         return await live.wait_ended()
 
@@ -322,12 +352,17 @@ class StreamEngine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def get_stream(self, stream_id: str) -> StreamRecord:
+    async def get_stream(self, stream_id: str, user: str | None = None) -> StreamRecord:
         ids.check_stream_id(stream_id)
-        return await get_record(self._repository, stream_id)
+        record = await get_record(self._repository, stream_id)
+        await self._stream_role(record, user)
+        return record
 
-    async def history(self, conversation_id: str, page_size: int, page_token: str) -> HistoryPage:
+    async def history(
+        self, conversation_id: str, page_size: int, page_token: str, user: str | None = None
+    ) -> HistoryPage:
         ids.check_conversation_id(conversation_id)
+        await self._require(conversation_id, user, Role.VIEWER)
         settings = self.settings
         if not 0 <= page_size <= settings.max_page_size:
             raise InvalidArgument(
@@ -352,7 +387,9 @@ class StreamEngine:
             return HistoryPage(turns, encode_page_token(conversation_id, turns[-1].cursor))
         return HistoryPage(turns, "")
 
-    async def subscribe(self, stream_id: str, from_seq: int) -> AsyncGenerator[StreamEvent, None]:
+    async def subscribe(
+        self, stream_id: str, from_seq: int, user: str | None = None
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Validates the request, then returns the subscription's events.
 
         Errors in the request raise here; a full stream raises at the first event.
@@ -366,6 +403,7 @@ class StreamEngine:
                 field="from_seq",
             )
         record = await get_record(self._repository, stream_id)
+        await self._stream_role(record, user)
         if record.state.is_terminal and from_seq > record.head_seq + 1:
             raise OutOfRange(
                 f"from_seq is {from_seq}, past the end of stream {stream_id}: it ended "
@@ -402,6 +440,114 @@ class StreamEngine:
             if not self._subscribers[stream_id]:
                 del self._subscribers[stream_id]
 
+    # -- conversations and access --------------------------------------------------------
+
+    async def create_conversation(self, user: str | None) -> Conversation:
+        self._check_accepting()
+        return await guarded(
+            self._repository.create_conversation(ids.new_conversation_id(), user, _now())
+        )
+
+    async def get_conversation(self, conversation_id: str, user: str | None) -> Conversation:
+        ids.check_conversation_id(conversation_id)
+        await self._require(conversation_id, user, Role.VIEWER)
+        try:
+            return await guarded(self._repository.get_conversation(conversation_id))
+        except storage_errors.NotFound as exc:
+            raise _conversation_not_found(conversation_id) from exc
+
+    async def list_conversations(
+        self, user: str | None, page_size: int, page_token: str
+    ) -> ConversationPage:
+        limit = self._page_size(page_size)
+        owner = f"user:{user or ''}"
+        before = decode_page_token(page_token, owner)
+        found = await guarded(self._repository.list_conversations(user, before, limit + 1))
+        if len(found) > limit:
+            found = found[:limit]
+            return ConversationPage(found, encode_page_token(owner, found[-1].cursor))
+        return ConversationPage(found, "")
+
+    async def add_member(
+        self, conversation_id: str, member: str, role: Role | None, user: str | None
+    ) -> Member:
+        ids.check_conversation_id(conversation_id)
+        _check_user_id(member)
+        if role is None:
+            raise InvalidArgument(
+                "role must be OWNER, MEMBER or VIEWER", reason="MISSING_ROLE", field="role"
+            )
+        await self._require(conversation_id, user, Role.OWNER)
+        if role is not Role.OWNER:
+            await self._keep_an_owner(conversation_id, member)
+        try:
+            return await guarded(self._repository.set_member(conversation_id, member, role, _now()))
+        except storage_errors.NotFound as exc:
+            raise _conversation_not_found(conversation_id) from exc
+
+    async def remove_member(self, conversation_id: str, member: str, user: str | None) -> None:
+        """Owners remove anyone; anyone may leave. The last owner cannot go."""
+        ids.check_conversation_id(conversation_id)
+        _check_user_id(member)
+        await self._require(conversation_id, user, Role.OWNER if member != user else Role.VIEWER)
+        await self._keep_an_owner(conversation_id, member)
+        if not await guarded(self._repository.remove_member(conversation_id, member)):
+            raise NotFound(
+                f"{member} is not a member of conversation {conversation_id}",
+                reason="MEMBER_NOT_FOUND",
+                field="user_id",
+            )
+
+    async def _keep_an_owner(self, conversation_id: str, leaving: str) -> None:
+        conversation = await guarded(self._repository.get_conversation(conversation_id))
+        owners = {m.user_id for m in conversation.members if m.role is Role.OWNER}
+        if owners == {leaving}:
+            raise FailedPrecondition(
+                f"{leaving} is the last owner of conversation {conversation_id}; make someone "
+                "else an owner first",
+                reason="LAST_OWNER",
+            )
+
+    async def _require(self, conversation_id: str, user: str | None, needed: Role) -> Role:
+        """The user's role if it allows `needed`; NOT_FOUND for non-members (ids cannot be
+        probed), PERMISSION_DENIED for members whose role is too low. No user: no checks."""
+        if user is None:
+            return Role.OWNER
+        role = await guarded(self._repository.role_of(conversation_id, user))
+        if role is None:
+            raise _conversation_not_found(conversation_id)
+        if not role.allows(needed):
+            raise PermissionDenied(
+                f"your role in conversation {conversation_id} is {role.name.lower()}; this "
+                f"needs {needed.name.lower()}",
+                reason="ROLE_TOO_LOW",
+                metadata={"role": role.name, "needed": needed.name},
+            )
+        return role
+
+    async def _stream_role(self, record: StreamRecord, user: str | None) -> Role:
+        """The user's role in the stream's conversation; a non-member gets the same NOT_FOUND
+        as for a stream that does not exist."""
+        try:
+            return await self._require(record.conversation_id, user, Role.VIEWER)
+        except NotFound:
+            raise NotFound(
+                f"stream {record.stream_id} does not exist; stream ids come from SubmitPrompt",
+                reason="STREAM_NOT_FOUND",
+                field="stream_id",
+            ) from None
+
+    def _page_size(self, page_size: int) -> int:
+        settings = self.settings
+        if not 0 <= page_size <= settings.max_page_size:
+            raise InvalidArgument(
+                f"page_size is {page_size}; it must be between 1 and {settings.max_page_size}, "
+                f"or 0 for the default ({settings.default_page_size})",
+                reason="PAGE_SIZE_OUT_OF_RANGE",
+                field="page_size",
+            )
+        return page_size or settings.default_page_size
+
     # -- retention -----------------------------------------------------------------------
 
     async def purge(self, older_than: timedelta) -> PurgeResult:
@@ -433,6 +579,22 @@ _UNSTARTED = Ending(
     "the server shut down before this stream started; submit it again",
     forget_request=True,
 )
+
+
+def _conversation_not_found(conversation_id: str) -> NotFound:
+    return NotFound(
+        f"conversation {conversation_id} does not exist; conversation ids come from "
+        "SubmitPrompt or CreateConversation",
+        reason="CONVERSATION_NOT_FOUND",
+        field="conversation_id",
+    )
+
+
+def _check_user_id(user_id: str) -> None:
+    if not user_id or len(user_id) > 200 or not user_id.isprintable():
+        raise InvalidArgument(
+            "user_id must be 1-200 printable characters", reason="INVALID_USER_ID", field="user_id"
+        )
 
 
 def _shutting_down() -> Unavailable:

@@ -6,7 +6,15 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tokenstream.server.domain import Chunk, StreamRecord, StreamState, Turn
+from tokenstream.server.domain import (
+    Chunk,
+    Conversation,
+    Member,
+    Role,
+    StreamRecord,
+    StreamState,
+    Turn,
+)
 from tokenstream.server.streams import End, Heartbeat, StreamEvent
 from tokenstream.v1 import tokenstream_pb2 as pb
 
@@ -72,3 +80,29 @@ def turn_to_proto(record: StreamRecord, response: str = "") -> pb.Turn:
 
 def history_turn_to_proto(turn: Turn) -> pb.Turn:
     return turn_to_proto(turn.stream, turn.response)
+
+
+_ROLES: dict[Role, pb.Role.ValueType] = {
+    Role.OWNER: pb.ROLE_OWNER,
+    Role.MEMBER: pb.ROLE_MEMBER,
+    Role.VIEWER: pb.ROLE_VIEWER,
+}
+_ROLES_BACK = {value: role for role, value in _ROLES.items()}
+
+
+def role_from_proto(value: pb.Role.ValueType) -> Role | None:
+    return _ROLES_BACK.get(value)
+
+
+def member_to_proto(member: Member) -> pb.Member:
+    return pb.Member(
+        user_id=member.user_id, role=_ROLES[member.role], added_at=timestamp(member.added_at)
+    )
+
+
+def conversation_to_proto(conversation: Conversation) -> pb.Conversation:
+    return pb.Conversation(
+        conversation_id=conversation.conversation_id,
+        created_at=timestamp(conversation.created_at),
+        members=[member_to_proto(m) for m in conversation.members],
+    )

@@ -13,7 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokenstream.server.domain import (
     ACTIVE_STATES,
+    Conversation,
     Ending,
+    Member,
+    Role,
     StreamRecord,
     StreamState,
     TokenRun,
@@ -34,7 +37,7 @@ from tokenstream.server.storage.repository import (
     WriteBatch,
 )
 from tokenstream.server.storage.sql.database import WRITE_OPTION
-from tokenstream.server.storage.sql.schema import conversations, streams, token_runs
+from tokenstream.server.storage.sql.schema import conversations, members, streams, token_runs
 
 _ACTIVE = [state.value for state in ACTIVE_STATES]
 _RECORD_COLUMNS = [
@@ -52,6 +55,7 @@ _RECORD_COLUMNS = [
     streams.c.error,
     streams.c.created_at,
     streams.c.finished_at,
+    streams.c.author,
 ]
 
 
@@ -85,6 +89,7 @@ def _stream_row(new: NewStream) -> dict[str, Any]:
         "created_at": new.created_at,
         "owner_id": new.owner_id,
         "lease_expires_at": new.lease_expires_at,
+        "author": new.author,
     }
 
 
@@ -100,7 +105,26 @@ def _new_record(new: NewStream) -> StreamRecord:
         state=StreamState.RUNNING,
         head_seq=-1,
         created_at=new.created_at,
+        author=new.author,
     )
+
+
+def _owner_rows(creations: Sequence[NewStream]) -> list[dict[str, Any]]:
+    """The first owner of each new conversation: its author."""
+    return [
+        {
+            "conversation_id": n.conversation_id,
+            "user_id": n.author,
+            "role": int(Role.OWNER),
+            "added_at": n.created_at,
+        }
+        for n in creations
+        if n.new_conversation and n.author
+    ]
+
+
+def _member(row: Any) -> Member:
+    return Member(row.user_id, Role(row.role), row.added_at)
 
 
 class SqlStreamRepository:
@@ -165,6 +189,8 @@ class SqlStreamRepository:
                 ]
                 if fresh:
                     await conn.execute(insert(conversations), fresh)
+                if owners := _owner_rows(valid):
+                    await conn.execute(insert(members), owners)
                 if valid:
                     await conn.execute(insert(streams), [_stream_row(n) for n in valid])
         except sa_exc.DBAPIError as exc:
@@ -197,6 +223,8 @@ class SqlStreamRepository:
                     conversation_id=new.conversation_id, created_at=new.created_at
                 )
             )
+            if owners := _owner_rows([new]):
+                await conn.execute(insert(members), owners)
         elif not await cls._conversation_exists(conn, new.conversation_id):
             raise NotFound(new.conversation_id)
         await conn.execute(insert(streams).values(**_stream_row(new)))
@@ -384,6 +412,106 @@ class SqlStreamRepository:
             )
             return PurgeResult(int(purged.rowcount), int(emptied.rowcount))
 
+    # -- conversations and members ----------------------------------------------------------
+
+    async def create_conversation(
+        self, conversation_id: str, owner: str | None, at: datetime
+    ) -> Conversation:
+        async with self._write() as conn:
+            await conn.execute(
+                insert(conversations).values(conversation_id=conversation_id, created_at=at)
+            )
+            if owner:
+                await conn.execute(
+                    insert(members).values(
+                        conversation_id=conversation_id,
+                        user_id=owner,
+                        role=int(Role.OWNER),
+                        added_at=at,
+                    )
+                )
+            return await self._conversation(conn, conversation_id)
+
+    async def get_conversation(self, conversation_id: str) -> Conversation:
+        async with self._read() as conn:
+            return await self._conversation(conn, conversation_id)
+
+    async def role_of(self, conversation_id: str, user_id: str) -> Role | None:
+        async with self._read() as conn:
+            role = await conn.scalar(
+                select(members.c.role).where(
+                    members.c.conversation_id == conversation_id, members.c.user_id == user_id
+                )
+            )
+            return None if role is None else Role(role)
+
+    async def list_conversations(
+        self, user_id: str | None, before: int, limit: int
+    ) -> list[Conversation]:
+        async with self._read() as conn:
+            query = select(conversations.c.conversation_id).order_by(conversations.c.id.desc())
+            if before:
+                query = query.where(conversations.c.id < before)
+            if user_id is not None:
+                query = query.where(
+                    conversations.c.conversation_id.in_(
+                        select(members.c.conversation_id).where(members.c.user_id == user_id)
+                    )
+                )
+            ids = (await conn.scalars(query.limit(limit))).all()
+            return [await self._conversation(conn, cid) for cid in ids]
+
+    async def set_member(
+        self, conversation_id: str, user_id: str, role: Role, at: datetime
+    ) -> Member:
+        async with self._write() as conn:
+            if not await self._conversation_exists(conn, conversation_id):
+                raise NotFound(conversation_id)
+            changed = await conn.execute(
+                update(members)
+                .where(members.c.conversation_id == conversation_id, members.c.user_id == user_id)
+                .values(role=int(role), added_at=at)
+            )
+            if changed.rowcount == 0:
+                await conn.execute(
+                    insert(members).values(
+                        conversation_id=conversation_id,
+                        user_id=user_id,
+                        role=int(role),
+                        added_at=at,
+                    )
+                )
+            return Member(user_id, role, at)
+
+    async def remove_member(self, conversation_id: str, user_id: str) -> bool:
+        async with self._write() as conn:
+            removed = await conn.execute(
+                delete(members).where(
+                    members.c.conversation_id == conversation_id, members.c.user_id == user_id
+                )
+            )
+            return bool(removed.rowcount)
+
+    @staticmethod
+    async def _conversation(conn: AsyncConnection, conversation_id: str) -> Conversation:
+        row = (
+            await conn.execute(
+                select(conversations.c.id, conversations.c.created_at).where(
+                    conversations.c.conversation_id == conversation_id
+                )
+            )
+        ).first()
+        if row is None:
+            raise NotFound(conversation_id)
+        people = await conn.execute(
+            select(members.c.user_id, members.c.role, members.c.added_at)
+            .where(members.c.conversation_id == conversation_id)
+            .order_by(members.c.role, members.c.user_id)
+        )
+        return Conversation(
+            conversation_id, row.created_at, tuple(_member(p) for p in people), row.id
+        )
+
     # -- helpers -------------------------------------------------------------------------
 
     @staticmethod
@@ -449,4 +577,5 @@ class SqlStreamRepository:
             finished_at=row.finished_at,
             reason=row.reason,
             error=row.error,
+            author=row.author,
         )

@@ -88,6 +88,8 @@ streams = Table(
     # The server generating an active stream, and until when its claim holds unless renewed.
     Column("owner_id", String(40), nullable=True),
     Column("lease_expires_at", UtcDateTime(), nullable=True),
+    # Who submitted it (NULL when the server ran without authentication).
+    Column("author", String(200), nullable=True),
     Index(None, "conversation_id", "id"),
     Index(None, "state", "lease_expires_at"),
     Index(None, "finished_at"),
@@ -107,4 +109,20 @@ token_runs = Table(
     Column("end_seq", BigInteger, nullable=False),
     Column("text", Text, nullable=False),
     Column("token_ends", LargeBinary, nullable=False),
+)
+
+# Who belongs to a conversation, and with which role (1 owner, 2 member, 3 viewer).
+members = Table(
+    "members",
+    metadata,
+    Column(
+        "conversation_id",
+        String(40),
+        ForeignKey("conversations.conversation_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("user_id", String(200), primary_key=True),
+    Column("role", Integer, nullable=False),
+    Column("added_at", UtcDateTime(), nullable=False),
+    Index(None, "user_id"),
 )

@@ -12,7 +12,310 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tokenstream/v1/tokenstream.proto.
  */
 export const file_tokenstream_v1_tokenstream: GenFile = /*@__PURE__*/
-  fileDesc("CiB0b2tlbnN0cmVhbS92MS90b2tlbnN0cmVhbS5wcm90bxIOdG9rZW5zdHJlYW0udjEidQoTU3VibWl0UHJvbXB0UmVxdWVzdBIXCg9jb252ZXJzYXRpb25faWQYASABKAkSDgoGcHJvbXB0GAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSDQoFbW9kZWwYBCABKAkSEgoKbWF4X3Rva2VucxgFIAEoBSJRChRTdWJtaXRQcm9tcHRSZXNwb25zZRIRCglzdHJlYW1faWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBW1vZGVsGAMgASgJIjcKEFN1YnNjcmliZVJlcXVlc3QSEQoJc3RyZWFtX2lkGAEgASgJEhAKCGZyb21fc2VxGAIgASgDIqMBChFTdWJzY3JpYmVSZXNwb25zZRIrCgVjaHVuaxgBIAEoCzIaLnRva2Vuc3RyZWFtLnYxLlRva2VuQ2h1bmtIABIuCgloZWFydGJlYXQYAiABKAsyGS50b2tlbnN0cmVhbS52MS5IZWFydGJlYXRIABIoCgNlbmQYAyABKAsyGS50b2tlbnN0cmVhbS52MS5TdHJlYW1FbmRIAEIHCgVldmVudCI+CgpUb2tlbkNodW5rEhEKCXN0YXJ0X3NlcRgBIAEoAxIPCgdlbmRfc2VxGAIgASgDEgwKBHRleHQYAyABKAkiegoJSGVhcnRiZWF0EhAKCGhlYWRfc2VxGAEgASgDEioKBXN0YXRlGAIgASgOMhsudG9rZW5zdHJlYW0udjEuU3RyZWFtU3RhdGUSLwoLc2VydmVyX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImkKCVN0cmVhbUVuZBIqCgVzdGF0ZRgBIAEoDjIbLnRva2Vuc3RyZWFtLnYxLlN0cmVhbVN0YXRlEhEKCWZpbmFsX3NlcRgCIAEoAxINCgVlcnJvchgDIAEoCRIOCgZyZWFzb24YBCABKAkiIgoNQ2FuY2VsUmVxdWVzdBIRCglzdHJlYW1faWQYASABKAkiTwoOQ2FuY2VsUmVzcG9uc2USKgoFc3RhdGUYASABKA4yGy50b2tlbnN0cmVhbS52MS5TdHJlYW1TdGF0ZRIRCglmaW5hbF9zZXEYAiABKAMiUwoRR2V0SGlzdG9yeVJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlIKEkdldEhpc3RvcnlSZXNwb25zZRIjCgV0dXJucxgBIAMoCzIULnRva2Vuc3RyZWFtLnYxLlR1cm4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIogCCgRUdXJuEhEKCXN0cmVhbV9pZBgBIAEoCRIOCgZwcm9tcHQYAiABKAkSEAoIcmVzcG9uc2UYAyABKAkSKgoFc3RhdGUYBCABKA4yGy50b2tlbnN0cmVhbS52MS5TdHJlYW1TdGF0ZRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW9kZWwYByABKAkSEAoIaGVhZF9zZXEYCCABKAMSDgoGcmVhc29uGAkgASgJEg0KBWVycm9yGAogASgJIiUKEEdldFN0cmVhbVJlcXVlc3QSEQoJc3RyZWFtX2lkGAEgASgJIlIKEUdldFN0cmVhbVJlc3BvbnNlEiQKBnN0cmVhbRgBIAEoCzIULnRva2Vuc3RyZWFtLnYxLlR1cm4SFwoPY29udmVyc2F0aW9uX2lkGAIgASgJKrABCgtTdHJlYW1TdGF0ZRIcChhTVFJFQU1fU1RBVEVfVU5TUEVDSUZJRUQQABIYChRTVFJFQU1fU1RBVEVfUEVORElORxABEhgKFFNUUkVBTV9TVEFURV9SVU5OSU5HEAISGgoWU1RSRUFNX1NUQVRFX0NPTVBMRVRFRBADEhoKFlNUUkVBTV9TVEFURV9DQU5DRUxMRUQQBBIXChNTVFJFQU1fU1RBVEVfRkFJTEVEEAUyswMKElRva2VuU3RyZWFtU2VydmljZRJZCgxTdWJtaXRQcm9tcHQSIy50b2tlbnN0cmVhbS52MS5TdWJtaXRQcm9tcHRSZXF1ZXN0GiQudG9rZW5zdHJlYW0udjEuU3VibWl0UHJvbXB0UmVzcG9uc2USUgoJU3Vic2NyaWJlEiAudG9rZW5zdHJlYW0udjEuU3Vic2NyaWJlUmVxdWVzdBohLnRva2Vuc3RyZWFtLnYxLlN1YnNjcmliZVJlc3BvbnNlMAESRwoGQ2FuY2VsEh0udG9rZW5zdHJlYW0udjEuQ2FuY2VsUmVxdWVzdBoeLnRva2Vuc3RyZWFtLnYxLkNhbmNlbFJlc3BvbnNlElMKCkdldEhpc3RvcnkSIS50b2tlbnN0cmVhbS52MS5HZXRIaXN0b3J5UmVxdWVzdBoiLnRva2Vuc3RyZWFtLnYxLkdldEhpc3RvcnlSZXNwb25zZRJQCglHZXRTdHJlYW0SIC50b2tlbnN0cmVhbS52MS5HZXRTdHJlYW1SZXF1ZXN0GiEudG9rZW5zdHJlYW0udjEuR2V0U3RyZWFtUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("CiB0b2tlbnN0cmVhbS92MS90b2tlbnN0cmVhbS5wcm90bxIOdG9rZW5zdHJlYW0udjEiawoGTWVtYmVyEg8KB3VzZXJfaWQYASABKAkSIgoEcm9sZRgCIAEoDjIULnRva2Vuc3RyZWFtLnYxLlJvbGUSLAoIYWRkZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoABCgxDb252ZXJzYXRpb24SFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEi4KCmNyZWF0ZWRfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEicKB21lbWJlcnMYAyADKAsyFi50b2tlbnN0cmVhbS52MS5NZW1iZXIiGwoZQ3JlYXRlQ29udmVyc2F0aW9uUmVxdWVzdCJQChpDcmVhdGVDb252ZXJzYXRpb25SZXNwb25zZRIyCgxjb252ZXJzYXRpb24YASABKAsyHC50b2tlbnN0cmVhbS52MS5Db252ZXJzYXRpb24iMQoWR2V0Q29udmVyc2F0aW9uUmVxdWVzdBIXCg9jb252ZXJzYXRpb25faWQYASABKAkiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwudG9rZW5zdHJlYW0udjEuQ29udmVyc2F0aW9uIkEKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJpChlMaXN0Q29udmVyc2F0aW9uc1Jlc3BvbnNlEjMKDWNvbnZlcnNhdGlvbnMYASADKAsyHC50b2tlbnN0cmVhbS52MS5Db252ZXJzYXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJImAKEEFkZE1lbWJlclJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSIgoEcm9sZRgDIAEoDjIULnRva2Vuc3RyZWFtLnYxLlJvbGUiOwoRQWRkTWVtYmVyUmVzcG9uc2USJgoGbWVtYmVyGAEgASgLMhYudG9rZW5zdHJlYW0udjEuTWVtYmVyIj8KE1JlbW92ZU1lbWJlclJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkiFgoUUmVtb3ZlTWVtYmVyUmVzcG9uc2UidQoTU3VibWl0UHJvbXB0UmVxdWVzdBIXCg9jb252ZXJzYXRpb25faWQYASABKAkSDgoGcHJvbXB0GAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSDQoFbW9kZWwYBCABKAkSEgoKbWF4X3Rva2VucxgFIAEoBSJRChRTdWJtaXRQcm9tcHRSZXNwb25zZRIRCglzdHJlYW1faWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBW1vZGVsGAMgASgJIjcKEFN1YnNjcmliZVJlcXVlc3QSEQoJc3RyZWFtX2lkGAEgASgJEhAKCGZyb21fc2VxGAIgASgDIqMBChFTdWJzY3JpYmVSZXNwb25zZRIrCgVjaHVuaxgBIAEoCzIaLnRva2Vuc3RyZWFtLnYxLlRva2VuQ2h1bmtIABIuCgloZWFydGJlYXQYAiABKAsyGS50b2tlbnN0cmVhbS52MS5IZWFydGJlYXRIABIoCgNlbmQYAyABKAsyGS50b2tlbnN0cmVhbS52MS5TdHJlYW1FbmRIAEIHCgVldmVudCI+CgpUb2tlbkNodW5rEhEKCXN0YXJ0X3NlcRgBIAEoAxIPCgdlbmRfc2VxGAIgASgDEgwKBHRleHQYAyABKAkiegoJSGVhcnRiZWF0EhAKCGhlYWRfc2VxGAEgASgDEioKBXN0YXRlGAIgASgOMhsudG9rZW5zdHJlYW0udjEuU3RyZWFtU3RhdGUSLwoLc2VydmVyX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImkKCVN0cmVhbUVuZBIqCgVzdGF0ZRgBIAEoDjIbLnRva2Vuc3RyZWFtLnYxLlN0cmVhbVN0YXRlEhEKCWZpbmFsX3NlcRgCIAEoAxINCgVlcnJvchgDIAEoCRIOCgZyZWFzb24YBCABKAkiIgoNQ2FuY2VsUmVxdWVzdBIRCglzdHJlYW1faWQYASABKAkiTwoOQ2FuY2VsUmVzcG9uc2USKgoFc3RhdGUYASABKA4yGy50b2tlbnN0cmVhbS52MS5TdHJlYW1TdGF0ZRIRCglmaW5hbF9zZXEYAiABKAMiUwoRR2V0SGlzdG9yeVJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlIKEkdldEhpc3RvcnlSZXNwb25zZRIjCgV0dXJucxgBIAMoCzIULnRva2Vuc3RyZWFtLnYxLlR1cm4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIogCCgRUdXJuEhEKCXN0cmVhbV9pZBgBIAEoCRIOCgZwcm9tcHQYAiABKAkSEAoIcmVzcG9uc2UYAyABKAkSKgoFc3RhdGUYBCABKA4yGy50b2tlbnN0cmVhbS52MS5TdHJlYW1TdGF0ZRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW9kZWwYByABKAkSEAoIaGVhZF9zZXEYCCABKAMSDgoGcmVhc29uGAkgASgJEg0KBWVycm9yGAogASgJIiUKEEdldFN0cmVhbVJlcXVlc3QSEQoJc3RyZWFtX2lkGAEgASgJIlIKEUdldFN0cmVhbVJlc3BvbnNlEiQKBnN0cmVhbRgBIAEoCzIULnRva2Vuc3RyZWFtLnYxLlR1cm4SFwoPY29udmVyc2F0aW9uX2lkGAIgASgJKk4KBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg4KClJPTEVfT1dORVIQARIPCgtST0xFX01FTUJFUhACEg8KC1JPTEVfVklFV0VSEAMqsAEKC1N0cmVhbVN0YXRlEhwKGFNUUkVBTV9TVEFURV9VTlNQRUNJRklFRBAAEhgKFFNUUkVBTV9TVEFURV9QRU5ESU5HEAESGAoUU1RSRUFNX1NUQVRFX1JVTk5JTkcQAhIaChZTVFJFQU1fU1RBVEVfQ09NUExFVEVEEAMSGgoWU1RSRUFNX1NUQVRFX0NBTkNFTExFRBAEEhcKE1NUUkVBTV9TVEFURV9GQUlMRUQQBTKbBwoSVG9rZW5TdHJlYW1TZXJ2aWNlElkKDFN1Ym1pdFByb21wdBIjLnRva2Vuc3RyZWFtLnYxLlN1Ym1pdFByb21wdFJlcXVlc3QaJC50b2tlbnN0cmVhbS52MS5TdWJtaXRQcm9tcHRSZXNwb25zZRJSCglTdWJzY3JpYmUSIC50b2tlbnN0cmVhbS52MS5TdWJzY3JpYmVSZXF1ZXN0GiEudG9rZW5zdHJlYW0udjEuU3Vic2NyaWJlUmVzcG9uc2UwARJHCgZDYW5jZWwSHS50b2tlbnN0cmVhbS52MS5DYW5jZWxSZXF1ZXN0Gh4udG9rZW5zdHJlYW0udjEuQ2FuY2VsUmVzcG9uc2USUwoKR2V0SGlzdG9yeRIhLnRva2Vuc3RyZWFtLnYxLkdldEhpc3RvcnlSZXF1ZXN0GiIudG9rZW5zdHJlYW0udjEuR2V0SGlzdG9yeVJlc3BvbnNlElAKCUdldFN0cmVhbRIgLnRva2Vuc3RyZWFtLnYxLkdldFN0cmVhbVJlcXVlc3QaIS50b2tlbnN0cmVhbS52MS5HZXRTdHJlYW1SZXNwb25zZRJrChJDcmVhdGVDb252ZXJzYXRpb24SKS50b2tlbnN0cmVhbS52MS5DcmVhdGVDb252ZXJzYXRpb25SZXF1ZXN0GioudG9rZW5zdHJlYW0udjEuQ3JlYXRlQ29udmVyc2F0aW9uUmVzcG9uc2USYgoPR2V0Q29udmVyc2F0aW9uEiYudG9rZW5zdHJlYW0udjEuR2V0Q29udmVyc2F0aW9uUmVxdWVzdBonLnRva2Vuc3RyZWFtLnYxLkdldENvbnZlcnNhdGlvblJlc3BvbnNlEmgKEUxpc3RDb252ZXJzYXRpb25zEigudG9rZW5zdHJlYW0udjEuTGlzdENvbnZlcnNhdGlvbnNSZXF1ZXN0GikudG9rZW5zdHJlYW0udjEuTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRJQCglBZGRNZW1iZXISIC50b2tlbnN0cmVhbS52MS5BZGRNZW1iZXJSZXF1ZXN0GiEudG9rZW5zdHJlYW0udjEuQWRkTWVtYmVyUmVzcG9uc2USWQoMUmVtb3ZlTWVtYmVyEiMudG9rZW5zdHJlYW0udjEuUmVtb3ZlTWVtYmVyUmVxdWVzdBokLnRva2Vuc3RyZWFtLnYxLlJlbW92ZU1lbWJlclJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+
+/**
+ * A user's membership in a conversation.
+ *
+ * @generated from message tokenstream.v1.Member
+ */
+export type Member = Message<"tokenstream.v1.Member"> & {
+  /**
+   * The user (the `sub` of their JWT, or the user of their API key).
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * What they may do.
+   *
+   * @generated from field: tokenstream.v1.Role role = 2;
+   */
+  role: Role;
+
+  /**
+   * When they were added (or their role last changed).
+   *
+   * @generated from field: google.protobuf.Timestamp added_at = 3;
+   */
+  addedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tokenstream.v1.Member.
+ * Use `create(MemberSchema)` to create a new message.
+ */
+export const MemberSchema: GenMessage<Member> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 0);
+
+/**
+ * A conversation: its id and who belongs to it.
+ *
+ * @generated from message tokenstream.v1.Conversation
+ */
+export type Conversation = Message<"tokenstream.v1.Conversation"> & {
+  /**
+   * The conversation's id.
+   *
+   * @generated from field: string conversation_id = 1;
+   */
+  conversationId: string;
+
+  /**
+   * When it was created.
+   *
+   * @generated from field: google.protobuf.Timestamp created_at = 2;
+   */
+  createdAt?: Timestamp | undefined;
+
+  /**
+   * Everyone who belongs to it.
+   *
+   * @generated from field: repeated tokenstream.v1.Member members = 3;
+   */
+  members: Member[];
+};
+
+/**
+ * Describes the message tokenstream.v1.Conversation.
+ * Use `create(ConversationSchema)` to create a new message.
+ */
+export const ConversationSchema: GenMessage<Conversation> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 1);
+
+/**
+ * Request for CreateConversation.
+ *
+ * @generated from message tokenstream.v1.CreateConversationRequest
+ */
+export type CreateConversationRequest = Message<"tokenstream.v1.CreateConversationRequest"> & {
+};
+
+/**
+ * Describes the message tokenstream.v1.CreateConversationRequest.
+ * Use `create(CreateConversationRequestSchema)` to create a new message.
+ */
+export const CreateConversationRequestSchema: GenMessage<CreateConversationRequest> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 2);
+
+/**
+ * Response for CreateConversation.
+ *
+ * @generated from message tokenstream.v1.CreateConversationResponse
+ */
+export type CreateConversationResponse = Message<"tokenstream.v1.CreateConversationResponse"> & {
+  /**
+   * The new conversation, with the caller as its owner.
+   *
+   * @generated from field: tokenstream.v1.Conversation conversation = 1;
+   */
+  conversation?: Conversation | undefined;
+};
+
+/**
+ * Describes the message tokenstream.v1.CreateConversationResponse.
+ * Use `create(CreateConversationResponseSchema)` to create a new message.
+ */
+export const CreateConversationResponseSchema: GenMessage<CreateConversationResponse> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 3);
+
+/**
+ * Request for GetConversation.
+ *
+ * @generated from message tokenstream.v1.GetConversationRequest
+ */
+export type GetConversationRequest = Message<"tokenstream.v1.GetConversationRequest"> & {
+  /**
+   * The conversation to read.
+   *
+   * @generated from field: string conversation_id = 1;
+   */
+  conversationId: string;
+};
+
+/**
+ * Describes the message tokenstream.v1.GetConversationRequest.
+ * Use `create(GetConversationRequestSchema)` to create a new message.
+ */
+export const GetConversationRequestSchema: GenMessage<GetConversationRequest> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 4);
+
+/**
+ * Response for GetConversation.
+ *
+ * @generated from message tokenstream.v1.GetConversationResponse
+ */
+export type GetConversationResponse = Message<"tokenstream.v1.GetConversationResponse"> & {
+  /**
+   * The conversation and its members.
+   *
+   * @generated from field: tokenstream.v1.Conversation conversation = 1;
+   */
+  conversation?: Conversation | undefined;
+};
+
+/**
+ * Describes the message tokenstream.v1.GetConversationResponse.
+ * Use `create(GetConversationResponseSchema)` to create a new message.
+ */
+export const GetConversationResponseSchema: GenMessage<GetConversationResponse> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 5);
+
+/**
+ * Request for ListConversations.
+ *
+ * @generated from message tokenstream.v1.ListConversationsRequest
+ */
+export type ListConversationsRequest = Message<"tokenstream.v1.ListConversationsRequest"> & {
+  /**
+   * Maximum number of conversations to return, 1-1000. 0 selects the default (50).
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * `next_page_token` from a previous response; empty for the first page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message tokenstream.v1.ListConversationsRequest.
+ * Use `create(ListConversationsRequestSchema)` to create a new message.
+ */
+export const ListConversationsRequestSchema: GenMessage<ListConversationsRequest> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 6);
+
+/**
+ * Response for ListConversations.
+ *
+ * @generated from message tokenstream.v1.ListConversationsResponse
+ */
+export type ListConversationsResponse = Message<"tokenstream.v1.ListConversationsResponse"> & {
+  /**
+   * The caller's conversations, newest first.
+   *
+   * @generated from field: repeated tokenstream.v1.Conversation conversations = 1;
+   */
+  conversations: Conversation[];
+
+  /**
+   * Token for the next page; empty when this is the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message tokenstream.v1.ListConversationsResponse.
+ * Use `create(ListConversationsResponseSchema)` to create a new message.
+ */
+export const ListConversationsResponseSchema: GenMessage<ListConversationsResponse> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 7);
+
+/**
+ * Request for AddMember.
+ *
+ * @generated from message tokenstream.v1.AddMemberRequest
+ */
+export type AddMemberRequest = Message<"tokenstream.v1.AddMemberRequest"> & {
+  /**
+   * The conversation.
+   *
+   * @generated from field: string conversation_id = 1;
+   */
+  conversationId: string;
+
+  /**
+   * The user to add (or whose role to change).
+   *
+   * @generated from field: string user_id = 2;
+   */
+  userId: string;
+
+  /**
+   * Their role; must be set.
+   *
+   * @generated from field: tokenstream.v1.Role role = 3;
+   */
+  role: Role;
+};
+
+/**
+ * Describes the message tokenstream.v1.AddMemberRequest.
+ * Use `create(AddMemberRequestSchema)` to create a new message.
+ */
+export const AddMemberRequestSchema: GenMessage<AddMemberRequest> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 8);
+
+/**
+ * Response for AddMember.
+ *
+ * @generated from message tokenstream.v1.AddMemberResponse
+ */
+export type AddMemberResponse = Message<"tokenstream.v1.AddMemberResponse"> & {
+  /**
+   * The membership as it now is.
+   *
+   * @generated from field: tokenstream.v1.Member member = 1;
+   */
+  member?: Member | undefined;
+};
+
+/**
+ * Describes the message tokenstream.v1.AddMemberResponse.
+ * Use `create(AddMemberResponseSchema)` to create a new message.
+ */
+export const AddMemberResponseSchema: GenMessage<AddMemberResponse> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 9);
+
+/**
+ * Request for RemoveMember.
+ *
+ * @generated from message tokenstream.v1.RemoveMemberRequest
+ */
+export type RemoveMemberRequest = Message<"tokenstream.v1.RemoveMemberRequest"> & {
+  /**
+   * The conversation.
+   *
+   * @generated from field: string conversation_id = 1;
+   */
+  conversationId: string;
+
+  /**
+   * The user to remove.
+   *
+   * @generated from field: string user_id = 2;
+   */
+  userId: string;
+};
+
+/**
+ * Describes the message tokenstream.v1.RemoveMemberRequest.
+ * Use `create(RemoveMemberRequestSchema)` to create a new message.
+ */
+export const RemoveMemberRequestSchema: GenMessage<RemoveMemberRequest> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 10);
+
+/**
+ * Response for RemoveMember.
+ *
+ * @generated from message tokenstream.v1.RemoveMemberResponse
+ */
+export type RemoveMemberResponse = Message<"tokenstream.v1.RemoveMemberResponse"> & {
+};
+
+/**
+ * Describes the message tokenstream.v1.RemoveMemberResponse.
+ * Use `create(RemoveMemberResponseSchema)` to create a new message.
+ */
+export const RemoveMemberResponseSchema: GenMessage<RemoveMemberResponse> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 11);
 
 /**
  * Request for SubmitPrompt.
@@ -63,7 +366,7 @@ export type SubmitPromptRequest = Message<"tokenstream.v1.SubmitPromptRequest"> 
  * Use `create(SubmitPromptRequestSchema)` to create a new message.
  */
 export const SubmitPromptRequestSchema: GenMessage<SubmitPromptRequest> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 0);
+  messageDesc(file_tokenstream_v1_tokenstream, 12);
 
 /**
  * Response for SubmitPrompt.
@@ -98,7 +401,7 @@ export type SubmitPromptResponse = Message<"tokenstream.v1.SubmitPromptResponse"
  * Use `create(SubmitPromptResponseSchema)` to create a new message.
  */
 export const SubmitPromptResponseSchema: GenMessage<SubmitPromptResponse> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 1);
+  messageDesc(file_tokenstream_v1_tokenstream, 13);
 
 /**
  * Request for Subscribe.
@@ -127,7 +430,7 @@ export type SubscribeRequest = Message<"tokenstream.v1.SubscribeRequest"> & {
  * Use `create(SubscribeRequestSchema)` to create a new message.
  */
 export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 2);
+  messageDesc(file_tokenstream_v1_tokenstream, 14);
 
 /**
  * One message of a subscription: a chunk of tokens, a heartbeat, or the end.
@@ -173,7 +476,7 @@ export type SubscribeResponse = Message<"tokenstream.v1.SubscribeResponse"> & {
  * Use `create(SubscribeResponseSchema)` to create a new message.
  */
 export const SubscribeResponseSchema: GenMessage<SubscribeResponse> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 3);
+  messageDesc(file_tokenstream_v1_tokenstream, 15);
 
 /**
  * Consecutive tokens of one stream.
@@ -208,7 +511,7 @@ export type TokenChunk = Message<"tokenstream.v1.TokenChunk"> & {
  * Use `create(TokenChunkSchema)` to create a new message.
  */
 export const TokenChunkSchema: GenMessage<TokenChunk> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 4);
+  messageDesc(file_tokenstream_v1_tokenstream, 16);
 
 /**
  * Liveness signal on a quiet subscription.
@@ -243,7 +546,7 @@ export type Heartbeat = Message<"tokenstream.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 5);
+  messageDesc(file_tokenstream_v1_tokenstream, 17);
 
 /**
  * How a stream ended.
@@ -286,7 +589,7 @@ export type StreamEnd = Message<"tokenstream.v1.StreamEnd"> & {
  * Use `create(StreamEndSchema)` to create a new message.
  */
 export const StreamEndSchema: GenMessage<StreamEnd> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 6);
+  messageDesc(file_tokenstream_v1_tokenstream, 18);
 
 /**
  * Request for Cancel.
@@ -307,7 +610,7 @@ export type CancelRequest = Message<"tokenstream.v1.CancelRequest"> & {
  * Use `create(CancelRequestSchema)` to create a new message.
  */
 export const CancelRequestSchema: GenMessage<CancelRequest> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 7);
+  messageDesc(file_tokenstream_v1_tokenstream, 19);
 
 /**
  * Response for Cancel.
@@ -335,7 +638,7 @@ export type CancelResponse = Message<"tokenstream.v1.CancelResponse"> & {
  * Use `create(CancelResponseSchema)` to create a new message.
  */
 export const CancelResponseSchema: GenMessage<CancelResponse> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 8);
+  messageDesc(file_tokenstream_v1_tokenstream, 20);
 
 /**
  * Request for GetHistory.
@@ -371,7 +674,7 @@ export type GetHistoryRequest = Message<"tokenstream.v1.GetHistoryRequest"> & {
  * Use `create(GetHistoryRequestSchema)` to create a new message.
  */
 export const GetHistoryRequestSchema: GenMessage<GetHistoryRequest> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 9);
+  messageDesc(file_tokenstream_v1_tokenstream, 21);
 
 /**
  * Response for GetHistory.
@@ -399,7 +702,7 @@ export type GetHistoryResponse = Message<"tokenstream.v1.GetHistoryResponse"> & 
  * Use `create(GetHistoryResponseSchema)` to create a new message.
  */
 export const GetHistoryResponseSchema: GenMessage<GetHistoryResponse> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 10);
+  messageDesc(file_tokenstream_v1_tokenstream, 22);
 
 /**
  * One prompt and its response.
@@ -484,7 +787,7 @@ export type Turn = Message<"tokenstream.v1.Turn"> & {
  * Use `create(TurnSchema)` to create a new message.
  */
 export const TurnSchema: GenMessage<Turn> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 11);
+  messageDesc(file_tokenstream_v1_tokenstream, 23);
 
 /**
  * Request for GetStream.
@@ -505,7 +808,7 @@ export type GetStreamRequest = Message<"tokenstream.v1.GetStreamRequest"> & {
  * Use `create(GetStreamRequestSchema)` to create a new message.
  */
 export const GetStreamRequestSchema: GenMessage<GetStreamRequest> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 12);
+  messageDesc(file_tokenstream_v1_tokenstream, 24);
 
 /**
  * Response for GetStream.
@@ -533,7 +836,48 @@ export type GetStreamResponse = Message<"tokenstream.v1.GetStreamResponse"> & {
  * Use `create(GetStreamResponseSchema)` to create a new message.
  */
 export const GetStreamResponseSchema: GenMessage<GetStreamResponse> = /*@__PURE__*/
-  messageDesc(file_tokenstream_v1_tokenstream, 13);
+  messageDesc(file_tokenstream_v1_tokenstream, 25);
+
+/**
+ * What a member may do in a conversation.
+ *
+ * @generated from enum tokenstream.v1.Role
+ */
+export enum Role {
+  /**
+   * Not set; never sent by the server.
+   *
+   * @generated from enum value: ROLE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Everything a member may, plus managing members and cancelling anyone's stream.
+   *
+   * @generated from enum value: ROLE_OWNER = 1;
+   */
+  OWNER = 1,
+
+  /**
+   * Read, submit prompts, and cancel their own streams.
+   *
+   * @generated from enum value: ROLE_MEMBER = 2;
+   */
+  MEMBER = 2,
+
+  /**
+   * Read only.
+   *
+   * @generated from enum value: ROLE_VIEWER = 3;
+   */
+  VIEWER = 3,
+}
+
+/**
+ * Describes the enum tokenstream.v1.Role.
+ */
+export const RoleSchema: GenEnum<Role> = /*@__PURE__*/
+  enumDesc(file_tokenstream_v1_tokenstream, 0);
 
 /**
  * The lifecycle of a response stream.
@@ -588,7 +932,7 @@ export enum StreamState {
  * Describes the enum tokenstream.v1.StreamState.
  */
 export const StreamStateSchema: GenEnum<StreamState> = /*@__PURE__*/
-  enumDesc(file_tokenstream_v1_tokenstream, 0);
+  enumDesc(file_tokenstream_v1_tokenstream, 1);
 
 /**
  * TokenStreamService starts generations and streams their tokens.
@@ -655,6 +999,56 @@ export const TokenStreamService: GenService<{
     methodKind: "unary";
     input: typeof GetStreamRequestSchema;
     output: typeof GetStreamResponseSchema;
+  },
+  /**
+   * Creates an empty conversation owned by the caller.
+   *
+   * @generated from rpc tokenstream.v1.TokenStreamService.CreateConversation
+   */
+  createConversation: {
+    methodKind: "unary";
+    input: typeof CreateConversationRequestSchema;
+    output: typeof CreateConversationResponseSchema;
+  },
+  /**
+   * Returns a conversation and its members (members only).
+   *
+   * @generated from rpc tokenstream.v1.TokenStreamService.GetConversation
+   */
+  getConversation: {
+    methodKind: "unary";
+    input: typeof GetConversationRequestSchema;
+    output: typeof GetConversationResponseSchema;
+  },
+  /**
+   * Lists the conversations the caller belongs to, newest first.
+   *
+   * @generated from rpc tokenstream.v1.TokenStreamService.ListConversations
+   */
+  listConversations: {
+    methodKind: "unary";
+    input: typeof ListConversationsRequestSchema;
+    output: typeof ListConversationsResponseSchema;
+  },
+  /**
+   * Adds a user to a conversation, or changes their role (owners only).
+   *
+   * @generated from rpc tokenstream.v1.TokenStreamService.AddMember
+   */
+  addMember: {
+    methodKind: "unary";
+    input: typeof AddMemberRequestSchema;
+    output: typeof AddMemberResponseSchema;
+  },
+  /**
+   * Removes a user from a conversation (owners only; the last owner cannot leave).
+   *
+   * @generated from rpc tokenstream.v1.TokenStreamService.RemoveMember
+   */
+  removeMember: {
+    methodKind: "unary";
+    input: typeof RemoveMemberRequestSchema;
+    output: typeof RemoveMemberResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tokenstream_v1_tokenstream, 0);

@@ -23,6 +23,7 @@ from tokenstream.server.streams import (
     StreamEvent,
     SubmitCommand,
 )
+from tokenstream.server.streams.events import EventBatch
 
 TOKENS = [f" t{i}" for i in range(40)]
 SETTINGS = EngineSettings(flush_interval=0.001, heartbeat_interval=5.0)
@@ -419,3 +420,21 @@ async def test_stop_lets_generations_finish_within_the_grace(make_engine: Engine
     await stopping
     assert "".join(c.text for c in chunks) == "".join(TOKENS)
     assert end.state is StreamState.COMPLETED
+
+
+async def test_conversation_events_follow_the_stream(make_engine: EngineFactory) -> None:
+    engine = make_engine()
+    await engine.start()
+    sub = await engine.submit(SubmitCommand(prompt="hi", max_tokens=3))
+    watch = await engine.watch(sub.conversation_id, 0, None)
+    seen: list[str] = []
+    while "stream_ended" not in seen:
+        batch = await asyncio.wait_for(anext(watch), 2)
+        if isinstance(batch, EventBatch):
+            seen += [event.kind for event in batch.events]
+    assert seen == ["prompt_submitted", "stream_started", "stream_ended"]
+    await watch.aclose()
+    with pytest.raises(errors.InvalidArgument):
+        await engine.watch(sub.conversation_id, -1, None)
+    with pytest.raises(errors.NotFound):
+        await engine.watch("conv_" + "n" * 26, 0, None)

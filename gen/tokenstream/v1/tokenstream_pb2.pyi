@@ -847,3 +847,313 @@ class GetStreamResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStreamResponse: _TypeAlias = GetStreamResponse  # noqa: Y015
+
+@_typing.final
+class WatchConversationRequest(_message.Message):
+    """Request for WatchConversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    FROM_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    """The conversation to watch."""
+    from_event_seq: _builtins.int
+    """The first event seq wanted (events are numbered from 0 per conversation). A seq past
+    the newest event waits for it.
+    """
+    def __init__(
+        self,
+        *,
+        conversation_id: _builtins.str = ...,
+        from_event_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "from_event_seq", b"from_event_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchConversationRequest: _TypeAlias = WatchConversationRequest  # noqa: Y015
+
+@_typing.final
+class WatchConversationResponse(_message.Message):
+    """One message of a conversation watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> Global___ConversationEvents:
+        """Consecutive events, in order (all the missed ones at once when catching up)."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___ConversationHeartbeat:
+        """Sent when nothing else was sent for a while."""
+
+    def __init__(
+        self,
+        *,
+        events: Global___ConversationEvents | None = ...,
+        heartbeat: Global___ConversationHeartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["events", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___WatchConversationResponse: _TypeAlias = WatchConversationResponse  # noqa: Y015
+
+@_typing.final
+class ConversationEvents(_message.Message):
+    """Consecutive conversation events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConversationEvent]:
+        """The events, by increasing seq with no gaps."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___ConversationEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversationEvents: _TypeAlias = ConversationEvents  # noqa: Y015
+
+@_typing.final
+class ConversationHeartbeat(_message.Message):
+    """Liveness signal on a quiet conversation watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    SERVER_TIME_FIELD_NUMBER: _builtins.int
+    head_event_seq: _builtins.int
+    """Seq of the newest event, or -1 if there is none."""
+    @_builtins.property
+    def server_time(self) -> _timestamp_pb2.Timestamp:
+        """The server's clock when the heartbeat was sent."""
+
+    def __init__(
+        self,
+        *,
+        head_event_seq: _builtins.int = ...,
+        server_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_event_seq", b"head_event_seq", "server_time", b"server_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversationHeartbeat: _TypeAlias = ConversationHeartbeat  # noqa: Y015
+
+@_typing.final
+class ConversationEvent(_message.Message):
+    """Something that happened in a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    PROMPT_SUBMITTED_FIELD_NUMBER: _builtins.int
+    STREAM_STARTED_FIELD_NUMBER: _builtins.int
+    STREAM_ENDED_FIELD_NUMBER: _builtins.int
+    MEMBER_ADDED_FIELD_NUMBER: _builtins.int
+    MEMBER_REMOVED_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Position in the conversation's event sequence, from 0."""
+    actor: _builtins.str
+    """Who did it (empty without authentication, or when the server did it)."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    @_builtins.property
+    def prompt_submitted(self) -> Global___PromptSubmitted:
+        """A prompt was submitted; its response is stream `stream_id`."""
+
+    @_builtins.property
+    def stream_started(self) -> Global___StreamStarted:
+        """Generation of a stream started."""
+
+    @_builtins.property
+    def stream_ended(self) -> Global___StreamEnded:
+        """A stream ended."""
+
+    @_builtins.property
+    def member_added(self) -> Global___MemberAdded:
+        """A user joined, or their role changed."""
+
+    @_builtins.property
+    def member_removed(self) -> Global___MemberRemoved:
+        """A user left or was removed."""
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        prompt_submitted: Global___PromptSubmitted | None = ...,
+        stream_started: Global___StreamStarted | None = ...,
+        stream_ended: Global___StreamEnded | None = ...,
+        member_added: Global___MemberAdded | None = ...,
+        member_removed: Global___MemberRemoved | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "member_added", b"member_added", "member_removed", b"member_removed", "prompt_submitted", b"prompt_submitted", "stream_ended", b"stream_ended", "stream_started", b"stream_started", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "kind", b"kind", "member_added", b"member_added", "member_removed", b"member_removed", "prompt_submitted", b"prompt_submitted", "seq", b"seq", "stream_ended", b"stream_ended", "stream_started", b"stream_started", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["prompt_submitted", "stream_started", "stream_ended", "member_added", "member_removed"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ConversationEvent: _TypeAlias = ConversationEvent  # noqa: Y015
+
+@_typing.final
+class PromptSubmitted(_message.Message):
+    """A prompt was submitted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """The response stream."""
+    prompt: _builtins.str
+    """The prompt."""
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptSubmitted: _TypeAlias = PromptSubmitted  # noqa: Y015
+
+@_typing.final
+class StreamStarted(_message.Message):
+    """Generation of a stream started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """The stream."""
+    model: _builtins.str
+    """Its token source."""
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamStarted: _TypeAlias = StreamStarted  # noqa: Y015
+
+@_typing.final
+class StreamEnded(_message.Message):
+    """A stream ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    FINAL_SEQ_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """The stream."""
+    state: Global___StreamState.ValueType
+    """How: COMPLETED, CANCELLED or FAILED."""
+    final_seq: _builtins.int
+    """Its last token's seq, or -1."""
+    reason: _builtins.str
+    """For FAILED streams, the cause (see StreamEnd.reason)."""
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        state: Global___StreamState.ValueType = ...,
+        final_seq: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_seq", b"final_seq", "reason", b"reason", "state", b"state", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEnded: _TypeAlias = StreamEnded  # noqa: Y015
+
+@_typing.final
+class MemberAdded(_message.Message):
+    """A user joined, or their role changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user."""
+    role: Global___Role.ValueType
+    """Their role now."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["role", b"role", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberAdded: _TypeAlias = MemberAdded  # noqa: Y015
+
+@_typing.final
+class MemberRemoved(_message.Message):
+    """A user left or was removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberRemoved: _TypeAlias = MemberRemoved  # noqa: Y015

@@ -91,6 +91,11 @@ class TokenStreamServiceStub:
                 request_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberRequest.SerializeToString,
                 response_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberResponse.FromString,
                 _registered_method=True)
+        self.WatchConversation = channel.unary_stream(
+                '/tokenstream.v1.TokenStreamService/WatchConversation',
+                request_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.WatchConversationRequest.SerializeToString,
+                response_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.WatchConversationResponse.FromString,
+                _registered_method=True)
 
 
 class TokenStreamServiceServicer:
@@ -177,6 +182,15 @@ class TokenStreamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchConversation(self, request, context):
+        """Streams what happens in a conversation from `from_event_seq` on: prompts, stream
+        starts and ends, membership changes. Resumable exactly like Subscribe: a watcher that
+        holds events up to N resumes with N + 1. Missed events arrive together.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenStreamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +243,11 @@ def add_TokenStreamServiceServicer_to_server(servicer, server):
                     servicer.RemoveMember,
                     request_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberRequest.FromString,
                     response_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberResponse.SerializeToString,
+            ),
+            'WatchConversation': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchConversation,
+                    request_deserializer=tokenstream_dot_v1_dot_tokenstream__pb2.WatchConversationRequest.FromString,
+                    response_serializer=tokenstream_dot_v1_dot_tokenstream__pb2.WatchConversationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -508,6 +527,33 @@ class TokenStreamService:
             '/tokenstream.v1.TokenStreamService/RemoveMember',
             tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberRequest.SerializeToString,
             tokenstream_dot_v1_dot_tokenstream__pb2.RemoveMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenstream.v1.TokenStreamService/WatchConversation',
+            tokenstream_dot_v1_dot_tokenstream__pb2.WatchConversationRequest.SerializeToString,
+            tokenstream_dot_v1_dot_tokenstream__pb2.WatchConversationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,11 @@ class TokenStreamServiceStub:
     """Adds a user to a conversation, or changes their role (owners only)."""
     RemoveMember: _grpc.UnaryUnaryMultiCallable[_tokenstream_pb2.RemoveMemberRequest, _tokenstream_pb2.RemoveMemberResponse]
     """Removes a user from a conversation (owners only; the last owner cannot leave)."""
+    WatchConversation: _grpc.UnaryStreamMultiCallable[_tokenstream_pb2.WatchConversationRequest, _tokenstream_pb2.WatchConversationResponse]
+    """Streams what happens in a conversation from `from_event_seq` on: prompts, stream
+    starts and ends, membership changes. Resumable exactly like Subscribe: a watcher that
+    holds events up to N resumes with N + 1. Missed events arrive together.
+    """
 
 @_typing.type_check_only
 class TokenStreamServiceAsyncStub(TokenStreamServiceStub):
@@ -107,6 +112,11 @@ class TokenStreamServiceAsyncStub(TokenStreamServiceStub):
     """Adds a user to a conversation, or changes their role (owners only)."""
     RemoveMember: _aio.UnaryUnaryMultiCallable[_tokenstream_pb2.RemoveMemberRequest, _tokenstream_pb2.RemoveMemberResponse]  # type: ignore[assignment]
     """Removes a user from a conversation (owners only; the last owner cannot leave)."""
+    WatchConversation: _aio.UnaryStreamMultiCallable[_tokenstream_pb2.WatchConversationRequest, _tokenstream_pb2.WatchConversationResponse]  # type: ignore[assignment]
+    """Streams what happens in a conversation from `from_event_seq` on: prompts, stream
+    starts and ends, membership changes. Resumable exactly like Subscribe: a watcher that
+    holds events up to N resumes with N + 1. Missed events arrive together.
+    """
 
 class TokenStreamServiceServicer(metaclass=_abc_1.ABCMeta):
     """TokenStreamService starts generations and streams their tokens.
@@ -204,5 +214,16 @@ class TokenStreamServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tokenstream_pb2.RemoveMemberResponse, _abc.Awaitable[_tokenstream_pb2.RemoveMemberResponse]]:
         """Removes a user from a conversation (owners only; the last owner cannot leave)."""
+
+    @_abc_1.abstractmethod
+    def WatchConversation(
+        self,
+        request: _tokenstream_pb2.WatchConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tokenstream_pb2.WatchConversationResponse], _abc.AsyncIterator[_tokenstream_pb2.WatchConversationResponse]]:
+        """Streams what happens in a conversation from `from_event_seq` on: prompts, stream
+        starts and ends, membership changes. Resumable exactly like Subscribe: a watcher that
+        holds events up to N resumes with N + 1. Missed events arrive together.
+        """
 
 def add_TokenStreamServiceServicer_to_server(servicer: TokenStreamServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

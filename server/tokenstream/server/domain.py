@@ -186,3 +186,19 @@ class Conversation:
     created_at: datetime
     members: tuple[Member, ...]
     cursor: int  # position among conversations, for pagination
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationEvent:
+    """Something that happened in a conversation; `kind` names it and `data` describes it:
+
+    prompt_submitted {stream_id, prompt}, stream_started {stream_id, model},
+    stream_ended {stream_id, state, final_seq, reason}, member_added {user_id, role},
+    member_removed {user_id}.
+    """
+
+    seq: int
+    at: datetime
+    actor: str | None
+    kind: str
+    data: dict[str, object]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 from tokenstream.server.domain import (
     Conversation,
+    ConversationEvent,
     Ending,
     Member,
     Role,
@@ -44,6 +45,7 @@ class MemoryStreamRepository:
         self._conversation_created: dict[str, datetime] = {}
         self._conversation_cursor: dict[str, int] = {}
         self._members: dict[str, dict[str, Member]] = {}
+        self._events: dict[str, list[ConversationEvent]] = {}
         self._request_ids: dict[str, str] = {}
         self._next_cursor = 1
         self.commits = 0  # visible to tests: how many group commits reached the store
@@ -82,6 +84,15 @@ class MemoryStreamRepository:
             created_at=new.created_at,
             author=new.author,
         )
+        self._event(
+            new.conversation_id,
+            new.created_at,
+            new.author,
+            "prompt_submitted",
+            {"stream_id": new.stream_id, "prompt": new.prompt},
+        )
+        self._event(new.conversation_id, new.created_at, new.author, "stream_started",
+                    {"stream_id": new.stream_id, "model": new.model})  # fmt: skip
         self._streams[new.stream_id] = _Stream(
             record, self._next_cursor, owner_id=new.owner_id, lease_expires_at=new.lease_expires_at
         )
@@ -206,6 +217,7 @@ class MemoryStreamRepository:
         self._conversations.difference_update(empty)
         for conversation_id in empty:
             self._members.pop(conversation_id, None)
+            self._events.pop(conversation_id, None)
         return PurgeResult(len(old), len(empty))
 
     async def create_conversation(
@@ -246,15 +258,50 @@ class MemoryStreamRepository:
         return [await self.get_conversation(c) for c in chosen[:limit]]
 
     async def set_member(
-        self, conversation_id: str, user_id: str, role: Role, at: datetime
+        self,
+        conversation_id: str,
+        user_id: str,
+        role: Role,
+        at: datetime,
+        actor: str | None = None,
     ) -> Member:
         if conversation_id not in self._conversations:
             raise NotFound(conversation_id)
         member = self._members[conversation_id][user_id] = Member(user_id, role, at)
+        self._event(
+            conversation_id, at, actor, "member_added", {"user_id": user_id, "role": role.name}
+        )
         return member
 
-    async def remove_member(self, conversation_id: str, user_id: str) -> bool:
-        return self._members.get(conversation_id, {}).pop(user_id, None) is not None
+    async def remove_member(
+        self, conversation_id: str, user_id: str, actor: str | None = None
+    ) -> bool:
+        if self._members.get(conversation_id, {}).pop(user_id, None) is None:
+            return False
+        self._event(
+            conversation_id, datetime.now(UTC), actor, "member_removed", {"user_id": user_id}
+        )
+        return True
+
+    async def read_events(
+        self, conversation_id: str, from_seq: int, limit: int
+    ) -> tuple[list[ConversationEvent], int]:
+        await asyncio.sleep(0)
+        if conversation_id not in self._conversations:
+            raise NotFound(conversation_id)
+        events = self._events.get(conversation_id, [])
+        return [e for e in events if e.seq >= from_seq][:limit], len(events) - 1
+
+    def _event(
+        self,
+        conversation_id: str,
+        at: datetime,
+        actor: str | None,
+        kind: str,
+        data: dict[str, object],
+    ) -> None:
+        events = self._events.setdefault(conversation_id, [])
+        events.append(ConversationEvent(len(events), at, actor, kind, data))
 
     def _add_conversation(self, conversation_id: str, owner: str | None, at: datetime) -> None:
         self._conversations.add(conversation_id)
@@ -278,6 +325,12 @@ class MemoryStreamRepository:
         full = join_runs(stream.runs)
         stream.compacted, stream.runs = full, []
         stream.lease_expires_at = None
+        self._event(stream.record.conversation_id, at, None, "stream_ended", {
+            "stream_id": stream_id,
+            "state": ending.state.value,
+            "final_seq": full.end_seq if full.ends else -1,
+            "reason": ending.reason,
+        })  # fmt: skip
         if ending.forget_request and stream.record.request_id is not None:
             self._request_ids.pop(stream.record.request_id, None)
         stream.record = replace(

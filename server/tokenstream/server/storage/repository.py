@@ -9,6 +9,7 @@ from typing import Protocol
 
 from tokenstream.server.domain import (
     Conversation,
+    ConversationEvent,
     Ending,
     Member,
     Role,
@@ -151,13 +152,27 @@ class StreamRepository(Protocol):
         ...
 
     async def set_member(
-        self, conversation_id: str, user_id: str, role: Role, at: datetime
+        self,
+        conversation_id: str,
+        user_id: str,
+        role: Role,
+        at: datetime,
+        actor: str | None = None,
     ) -> Member:
         """Adds the member or changes their role. Raises NotFound."""
         ...
 
-    async def remove_member(self, conversation_id: str, user_id: str) -> bool:
+    async def remove_member(
+        self, conversation_id: str, user_id: str, actor: str | None = None
+    ) -> bool:
         """False when they were not a member."""
+        ...
+
+    async def read_events(
+        self, conversation_id: str, from_seq: int, limit: int
+    ) -> tuple[list[ConversationEvent], int]:
+        """Events from `from_seq` on (at most `limit`), and the newest event's seq (-1 for
+        none). Raises NotFound."""
         ...
 
     async def close(self) -> None: ...

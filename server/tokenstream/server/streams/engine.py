@@ -7,6 +7,7 @@ errors are the domain errors of `tokenstream.server.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from tokenstream.server import ids
 from tokenstream.server.domain import (
     Conversation,
+    ConversationEvent,
     Ending,
     EndReason,
     Member,
@@ -45,7 +47,12 @@ from tokenstream.server.storage.repository import (
     WriteBatch,
 )
 from tokenstream.server.streams._store import get_record, guarded
-from tokenstream.server.streams.events import StreamEvent
+from tokenstream.server.streams.events import (
+    EventBatch,
+    StreamEvent,
+    WatchEvent,
+    WatchHeartbeat,
+)
 from tokenstream.server.streams.generation import CANCELLED, SHUTDOWN, Generations
 from tokenstream.server.streams.leases import INTERRUPTED, LeaseKeeper
 from tokenstream.server.streams.pagination import decode_page_token, encode_page_token
@@ -124,6 +131,9 @@ class StreamEngine:
         self._reserved_total = 0
         self._reserved_by: Counter[str] = Counter()
         self._creating: set[asyncio.Future[Submission]] = set()
+        # Set (and replaced) whenever something was committed: conversation watchers wake.
+        self._committed = asyncio.Event()
+        self._writer.on_commit = self._note_commit
         self._retention: asyncio.Task[None] | None = None
         self._accepting = False
 
@@ -481,7 +491,11 @@ class StreamEngine:
         if role is not Role.OWNER:
             await self._keep_an_owner(conversation_id, member)
         try:
-            return await guarded(self._repository.set_member(conversation_id, member, role, _now()))
+            added = await guarded(
+                self._repository.set_member(conversation_id, member, role, _now(), user)
+            )
+            self._note_commit()
+            return added
         except storage_errors.NotFound as exc:
             raise _conversation_not_found(conversation_id) from exc
 
@@ -491,7 +505,9 @@ class StreamEngine:
         _check_user_id(member)
         await self._require(conversation_id, user, Role.OWNER if member != user else Role.VIEWER)
         await self._keep_an_owner(conversation_id, member)
-        if not await guarded(self._repository.remove_member(conversation_id, member)):
+        removed = await guarded(self._repository.remove_member(conversation_id, member, user))
+        self._note_commit()
+        if not removed:
             raise NotFound(
                 f"{member} is not a member of conversation {conversation_id}",
                 reason="MEMBER_NOT_FOUND",
@@ -547,6 +563,60 @@ class StreamEngine:
                 field="page_size",
             )
         return page_size or settings.default_page_size
+
+    # -- conversation events --------------------------------------------------------------
+
+    async def watch(
+        self, conversation_id: str, from_event_seq: int, user: str | None
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """Validates the request, then returns the conversation's events from
+        `from_event_seq` on: what was missed as one batch, then each commit's events."""
+        ids.check_conversation_id(conversation_id)
+        if from_event_seq < 0:
+            raise InvalidArgument(
+                f"from_event_seq is {from_event_seq}; it must be 0 or the last seq received plus 1",
+                reason="NEGATIVE_FROM_SEQ",
+                field="from_event_seq",
+            )
+        await self._require(conversation_id, user, Role.VIEWER)
+        await self._read_events(conversation_id, from_event_seq)  # NOT_FOUND before the first
+        return self._watch(conversation_id, from_event_seq, user)
+
+    async def _watch(
+        self, conversation_id: str, seq: int, user: str | None
+    ) -> AsyncGenerator[WatchEvent, None]:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        last_sent = loop.time()
+        while True:
+            committed = self._committed  # taken before reading, so no commit is missed
+            events, head = await self._read_events(conversation_id, seq)
+            if events:
+                yield EventBatch(events)
+                seq = events[-1].seq + 1
+                last_sent = loop.time()
+                continue
+            if loop.time() - last_sent >= settings.heartbeat_interval:
+                yield WatchHeartbeat(head, _now())
+                last_sent = loop.time()
+                await self._require(conversation_id, user, Role.VIEWER)  # still a member?
+            quiet_left = settings.heartbeat_interval - (loop.time() - last_sent)
+            # Commits here wake us at once; another replica's are found by polling.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(quiet_left, settings.store_poll_interval)):
+                    await committed.wait()
+
+    async def _read_events(
+        self, conversation_id: str, from_seq: int
+    ) -> tuple[list[ConversationEvent], int]:
+        try:
+            return await guarded(self._repository.read_events(conversation_id, from_seq, 1000))
+        except storage_errors.NotFound as exc:
+            raise _conversation_not_found(conversation_id) from exc
+
+    def _note_commit(self) -> None:
+        self._committed.set()
+        self._committed = asyncio.Event()
 
     # -- retention -----------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from tokenstream.server.domain import Chunk, StreamRecord, StreamState
+from tokenstream.server.domain import Chunk, ConversationEvent, StreamRecord, StreamState
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +28,19 @@ class End:
 
 
 StreamEvent = Chunk | Heartbeat | End
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Consecutive conversation events (everything missed, when catching up)."""
+
+    events: list[ConversationEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchHeartbeat:
+    head_event_seq: int
+    at: datetime
+
+
+WatchEvent = EventBatch | WatchHeartbeat

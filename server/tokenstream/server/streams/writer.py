@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -70,6 +71,8 @@ class BatchWriter:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        # Called after every successful commit (e.g. to wake conversation watchers).
+        self.on_commit: Callable[[], None] = lambda: None
         self._deadline: float | None = None  # set when stopping: give up retrying after it
         self._closing = False  # exit once nothing is pending
         self._task: asyncio.Task[None] | None = None
@@ -162,6 +165,7 @@ class BatchWriter:
                     result = await self._repository.commit(self._write_batch(batch, creations))
                 self._apply(batch, result.terminal)
                 _settle(creations, result)
+                self.on_commit()
                 failures = 0
                 continue
             except Exception as exc:

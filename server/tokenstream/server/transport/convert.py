@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tokenstream.server.domain import (
     Chunk,
     Conversation,
+    ConversationEvent,
     Member,
     Role,
     StreamRecord,
@@ -16,6 +17,7 @@ from tokenstream.server.domain import (
     Turn,
 )
 from tokenstream.server.streams import End, Heartbeat, StreamEvent
+from tokenstream.server.streams.events import EventBatch, WatchEvent
 from tokenstream.v1 import tokenstream_pb2 as pb
 
 _STATES: dict[StreamState, pb.StreamState.ValueType] = {
@@ -105,4 +107,49 @@ def conversation_to_proto(conversation: Conversation) -> pb.Conversation:
         conversation_id=conversation.conversation_id,
         created_at=timestamp(conversation.created_at),
         members=[member_to_proto(m) for m in conversation.members],
+    )
+
+
+def conversation_event_to_proto(event: ConversationEvent) -> pb.ConversationEvent:
+    message = pb.ConversationEvent(seq=event.seq, time=timestamp(event.at), actor=event.actor or "")
+    data = event.data
+    if event.kind == "prompt_submitted":
+        message.prompt_submitted.CopyFrom(
+            pb.PromptSubmitted(stream_id=str(data["stream_id"]), prompt=str(data["prompt"]))
+        )
+    elif event.kind == "stream_started":
+        message.stream_started.CopyFrom(
+            pb.StreamStarted(stream_id=str(data["stream_id"]), model=str(data["model"]))
+        )
+    elif event.kind == "stream_ended":
+        final_seq = data["final_seq"]
+        assert isinstance(final_seq, int)
+        message.stream_ended.CopyFrom(
+            pb.StreamEnded(
+                stream_id=str(data["stream_id"]),
+                state=state_to_proto(StreamState(data["state"])),
+                final_seq=final_seq,
+                reason=str(data["reason"]),
+            )
+        )
+    elif event.kind == "member_added":
+        message.member_added.CopyFrom(
+            pb.MemberAdded(user_id=str(data["user_id"]), role=_ROLES[Role[str(data["role"])]])
+        )
+    elif event.kind == "member_removed":
+        message.member_removed.CopyFrom(pb.MemberRemoved(user_id=str(data["user_id"])))
+    return message
+
+
+def watch_event_to_proto(event: WatchEvent) -> pb.WatchConversationResponse:
+    if isinstance(event, EventBatch):
+        return pb.WatchConversationResponse(
+            events=pb.ConversationEvents(
+                events=[conversation_event_to_proto(e) for e in event.events]
+            )
+        )
+    return pb.WatchConversationResponse(
+        heartbeat=pb.ConversationHeartbeat(
+            head_event_seq=event.head_event_seq, server_time=timestamp(event.at)
+        )
     )

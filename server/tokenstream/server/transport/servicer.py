@@ -17,6 +17,7 @@ from tokenstream.server.transport.convert import (
     role_from_proto,
     state_to_proto,
     turn_to_proto,
+    watch_event_to_proto,
 )
 from tokenstream.v1 import tokenstream_pb2 as pb
 from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
@@ -139,3 +140,15 @@ class TokenStreamServicer(pb_grpc.TokenStreamServiceServicer):
     ) -> pb.RemoveMemberResponse:
         await self._engine.remove_member(request.conversation_id, request.user_id, user_of())
         return pb.RemoveMemberResponse()
+
+    async def WatchConversation(
+        self,
+        request: pb.WatchConversationRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.WatchConversationResponse]:
+        events = await self._engine.watch(
+            request.conversation_id, request.from_event_seq, user_of()
+        )
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield watch_event_to_proto(event)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, or_, select, update
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tokenstream.server.domain import (
     ACTIVE_STATES,
     Conversation,
+    ConversationEvent,
     Ending,
     Member,
     Role,
@@ -37,7 +39,16 @@ from tokenstream.server.storage.repository import (
     WriteBatch,
 )
 from tokenstream.server.storage.sql.database import WRITE_OPTION
-from tokenstream.server.storage.sql.schema import conversations, members, streams, token_runs
+from tokenstream.server.storage.sql.schema import (
+    conversation_events,
+    conversations,
+    members,
+    streams,
+    token_runs,
+)
+
+# conversation id, time, actor, kind, data
+_Event = tuple[str, datetime, str | None, str, dict[str, object]]
 
 _ACTIVE = [state.value for state in ACTIVE_STATES]
 _RECORD_COLUMNS = [
@@ -123,6 +134,43 @@ def _owner_rows(creations: Sequence[NewStream]) -> list[dict[str, Any]]:
     ]
 
 
+def _creation_events(new: NewStream) -> list[_Event]:
+    return [
+        (new.conversation_id, new.created_at, new.author, "prompt_submitted",
+         {"stream_id": new.stream_id, "prompt": new.prompt}),
+        (new.conversation_id, new.created_at, new.author, "stream_started",
+         {"stream_id": new.stream_id, "model": new.model}),
+    ]  # fmt: skip
+
+
+async def _append_events(conn: AsyncConnection, events: Sequence[_Event]) -> None:
+    """Numbers events after each conversation's newest one and stores them."""
+    if not events:
+        return
+    heads: dict[str, int] = {}
+    rows = []
+    for conversation_id, at, actor, kind, data in events:
+        if conversation_id not in heads:
+            newest = await conn.scalar(
+                select(func.max(conversation_events.c.seq)).where(
+                    conversation_events.c.conversation_id == conversation_id
+                )
+            )
+            heads[conversation_id] = -1 if newest is None else int(newest)
+        heads[conversation_id] += 1
+        rows.append(
+            {
+                "conversation_id": conversation_id,
+                "seq": heads[conversation_id],
+                "at": at,
+                "actor": actor,
+                "kind": kind,
+                "data": json.dumps(data),
+            }
+        )
+    await conn.execute(insert(conversation_events), rows)
+
+
 def _member(row: Any) -> Member:
     return Member(row.user_id, Role(row.role), row.added_at)
 
@@ -193,6 +241,7 @@ class SqlStreamRepository:
                     await conn.execute(insert(members), owners)
                 if valid:
                     await conn.execute(insert(streams), [_stream_row(n) for n in valid])
+                    await _append_events(conn, [e for n in valid for e in _creation_events(n)])
         except sa_exc.DBAPIError as exc:
             if _is_outage(exc):
                 raise
@@ -228,6 +277,7 @@ class SqlStreamRepository:
         elif not await cls._conversation_exists(conn, new.conversation_id):
             raise NotFound(new.conversation_id)
         await conn.execute(insert(streams).values(**_stream_row(new)))
+        await _append_events(conn, _creation_events(new))
 
     async def get_stream(self, stream_id: str) -> StreamRecord:
         async with self._read() as conn:
@@ -462,7 +512,12 @@ class SqlStreamRepository:
             return [await self._conversation(conn, cid) for cid in ids]
 
     async def set_member(
-        self, conversation_id: str, user_id: str, role: Role, at: datetime
+        self,
+        conversation_id: str,
+        user_id: str,
+        role: Role,
+        at: datetime,
+        actor: str | None = None,
     ) -> Member:
         async with self._write() as conn:
             if not await self._conversation_exists(conn, conversation_id):
@@ -481,16 +536,50 @@ class SqlStreamRepository:
                         added_at=at,
                     )
                 )
+            event: dict[str, object] = {"user_id": user_id, "role": role.name}
+            await _append_events(conn, [(conversation_id, at, actor, "member_added", event)])
             return Member(user_id, role, at)
 
-    async def remove_member(self, conversation_id: str, user_id: str) -> bool:
+    async def remove_member(
+        self, conversation_id: str, user_id: str, actor: str | None = None
+    ) -> bool:
         async with self._write() as conn:
             removed = await conn.execute(
                 delete(members).where(
                     members.c.conversation_id == conversation_id, members.c.user_id == user_id
                 )
             )
-            return bool(removed.rowcount)
+            if not removed.rowcount:
+                return False
+            event: dict[str, object] = {"user_id": user_id}
+            at = datetime.now(UTC)
+            await _append_events(conn, [(conversation_id, at, actor, "member_removed", event)])
+            return True
+
+    async def read_events(
+        self, conversation_id: str, from_seq: int, limit: int
+    ) -> tuple[list[ConversationEvent], int]:
+        async with self._read() as conn:
+            if not await self._conversation_exists(conn, conversation_id):
+                raise NotFound(conversation_id)
+            newest = await conn.scalar(
+                select(func.max(conversation_events.c.seq)).where(
+                    conversation_events.c.conversation_id == conversation_id
+                )
+            )
+            rows = await conn.execute(
+                select(conversation_events)
+                .where(
+                    conversation_events.c.conversation_id == conversation_id,
+                    conversation_events.c.seq >= from_seq,
+                )
+                .order_by(conversation_events.c.seq)
+                .limit(limit)
+            )
+            events = [
+                ConversationEvent(r.seq, r.at, r.actor, r.kind, json.loads(r.data)) for r in rows
+            ]
+            return events, -1 if newest is None else int(newest)
 
     @staticmethod
     async def _conversation(conn: AsyncConnection, conversation_id: str) -> Conversation:
@@ -551,6 +640,22 @@ class SqlStreamRepository:
             )
         )
         await conn.execute(delete(token_runs).where(token_runs.c.stream_id == stream_id))
+        conversation_id = str(
+            await conn.scalar(
+                select(streams.c.conversation_id).where(streams.c.stream_id == stream_id)
+            )
+        )
+        await _append_events(
+            conn,
+            [
+                (conversation_id, at, None, "stream_ended", {
+                    "stream_id": stream_id,
+                    "state": ending.state.value,
+                    "final_seq": full.end_seq if full.ends else -1,
+                    "reason": ending.reason,
+                }),
+            ],
+        )  # fmt: skip
 
     @staticmethod
     async def _record(conn: AsyncConnection, row: Any) -> StreamRecord:

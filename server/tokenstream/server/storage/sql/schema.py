@@ -126,3 +126,20 @@ members = Table(
     Column("added_at", UtcDateTime(), nullable=False),
     Index(None, "user_id"),
 )
+
+# What happened in each conversation, numbered from 0 per conversation (WatchConversation).
+conversation_events = Table(
+    "conversation_events",
+    metadata,
+    Column(
+        "conversation_id",
+        String(40),
+        ForeignKey("conversations.conversation_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("actor", String(200), nullable=True),
+    Column("kind", String(32), nullable=False),
+    Column("data", Text, nullable=False),  # JSON object
+)

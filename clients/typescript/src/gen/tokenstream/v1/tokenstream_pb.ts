@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tokenstream/v1/tokenstream.proto.
  */
 export const file_tokenstream_v1_tokenstream: GenFile = /*@__PURE__*/
-  fileDesc("CiB0b2tlbnN0cmVhbS92MS90b2tlbnN0cmVhbS5wcm90bxIOdG9rZW5zdHJlYW0udjEiawoGTWVtYmVyEg8KB3VzZXJfaWQYASABKAkSIgoEcm9sZRgCIAEoDjIULnRva2Vuc3RyZWFtLnYxLlJvbGUSLAoIYWRkZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoABCgxDb252ZXJzYXRpb24SFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEi4KCmNyZWF0ZWRfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEicKB21lbWJlcnMYAyADKAsyFi50b2tlbnN0cmVhbS52MS5NZW1iZXIiGwoZQ3JlYXRlQ29udmVyc2F0aW9uUmVxdWVzdCJQChpDcmVhdGVDb252ZXJzYXRpb25SZXNwb25zZRIyCgxjb252ZXJzYXRpb24YASABKAsyHC50b2tlbnN0cmVhbS52MS5Db252ZXJzYXRpb24iMQoWR2V0Q29udmVyc2F0aW9uUmVxdWVzdBIXCg9jb252ZXJzYXRpb25faWQYASABKAkiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwudG9rZW5zdHJlYW0udjEuQ29udmVyc2F0aW9uIkEKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJpChlMaXN0Q29udmVyc2F0aW9uc1Jlc3BvbnNlEjMKDWNvbnZlcnNhdGlvbnMYASADKAsyHC50b2tlbnN0cmVhbS52MS5Db252ZXJzYXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJImAKEEFkZE1lbWJlclJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSIgoEcm9sZRgDIAEoDjIULnRva2Vuc3RyZWFtLnYxLlJvbGUiOwoRQWRkTWVtYmVyUmVzcG9uc2USJgoGbWVtYmVyGAEgASgLMhYudG9rZW5zdHJlYW0udjEuTWVtYmVyIj8KE1JlbW92ZU1lbWJlclJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkiFgoUUmVtb3ZlTWVtYmVyUmVzcG9uc2UidQoTU3VibWl0UHJvbXB0UmVxdWVzdBIXCg9jb252ZXJzYXRpb25faWQYASABKAkSDgoGcHJvbXB0GAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSDQoFbW9kZWwYBCABKAkSEgoKbWF4X3Rva2VucxgFIAEoBSJRChRTdWJtaXRQcm9tcHRSZXNwb25zZRIRCglzdHJlYW1faWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBW1vZGVsGAMgASgJIjcKEFN1YnNjcmliZVJlcXVlc3QSEQoJc3RyZWFtX2lkGAEgASgJEhAKCGZyb21fc2VxGAIgASgDIqMBChFTdWJzY3JpYmVSZXNwb25zZRIrCgVjaHVuaxgBIAEoCzIaLnRva2Vuc3RyZWFtLnYxLlRva2VuQ2h1bmtIABIuCgloZWFydGJlYXQYAiABKAsyGS50b2tlbnN0cmVhbS52MS5IZWFydGJlYXRIABIoCgNlbmQYAyABKAsyGS50b2tlbnN0cmVhbS52MS5TdHJlYW1FbmRIAEIHCgVldmVudCI+CgpUb2tlbkNodW5rEhEKCXN0YXJ0X3NlcRgBIAEoAxIPCgdlbmRfc2VxGAIgASgDEgwKBHRleHQYAyABKAkiegoJSGVhcnRiZWF0EhAKCGhlYWRfc2VxGAEgASgDEioKBXN0YXRlGAIgASgOMhsudG9rZW5zdHJlYW0udjEuU3RyZWFtU3RhdGUSLwoLc2VydmVyX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImkKCVN0cmVhbUVuZBIqCgVzdGF0ZRgBIAEoDjIbLnRva2Vuc3RyZWFtLnYxLlN0cmVhbVN0YXRlEhEKCWZpbmFsX3NlcRgCIAEoAxINCgVlcnJvchgDIAEoCRIOCgZyZWFzb24YBCABKAkiIgoNQ2FuY2VsUmVxdWVzdBIRCglzdHJlYW1faWQYASABKAkiTwoOQ2FuY2VsUmVzcG9uc2USKgoFc3RhdGUYASABKA4yGy50b2tlbnN0cmVhbS52MS5TdHJlYW1TdGF0ZRIRCglmaW5hbF9zZXEYAiABKAMiUwoRR2V0SGlzdG9yeVJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlIKEkdldEhpc3RvcnlSZXNwb25zZRIjCgV0dXJucxgBIAMoCzIULnRva2Vuc3RyZWFtLnYxLlR1cm4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIogCCgRUdXJuEhEKCXN0cmVhbV9pZBgBIAEoCRIOCgZwcm9tcHQYAiABKAkSEAoIcmVzcG9uc2UYAyABKAkSKgoFc3RhdGUYBCABKA4yGy50b2tlbnN0cmVhbS52MS5TdHJlYW1TdGF0ZRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW9kZWwYByABKAkSEAoIaGVhZF9zZXEYCCABKAMSDgoGcmVhc29uGAkgASgJEg0KBWVycm9yGAogASgJIiUKEEdldFN0cmVhbVJlcXVlc3QSEQoJc3RyZWFtX2lkGAEgASgJIlIKEUdldFN0cmVhbVJlc3BvbnNlEiQKBnN0cmVhbRgBIAEoCzIULnRva2Vuc3RyZWFtLnYxLlR1cm4SFwoPY29udmVyc2F0aW9uX2lkGAIgASgJKk4KBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg4KClJPTEVfT1dORVIQARIPCgtST0xFX01FTUJFUhACEg8KC1JPTEVfVklFV0VSEAMqsAEKC1N0cmVhbVN0YXRlEhwKGFNUUkVBTV9TVEFURV9VTlNQRUNJRklFRBAAEhgKFFNUUkVBTV9TVEFURV9QRU5ESU5HEAESGAoUU1RSRUFNX1NUQVRFX1JVTk5JTkcQAhIaChZTVFJFQU1fU1RBVEVfQ09NUExFVEVEEAMSGgoWU1RSRUFNX1NUQVRFX0NBTkNFTExFRBAEEhcKE1NUUkVBTV9TVEFURV9GQUlMRUQQBTKbBwoSVG9rZW5TdHJlYW1TZXJ2aWNlElkKDFN1Ym1pdFByb21wdBIjLnRva2Vuc3RyZWFtLnYxLlN1Ym1pdFByb21wdFJlcXVlc3QaJC50b2tlbnN0cmVhbS52MS5TdWJtaXRQcm9tcHRSZXNwb25zZRJSCglTdWJzY3JpYmUSIC50b2tlbnN0cmVhbS52MS5TdWJzY3JpYmVSZXF1ZXN0GiEudG9rZW5zdHJlYW0udjEuU3Vic2NyaWJlUmVzcG9uc2UwARJHCgZDYW5jZWwSHS50b2tlbnN0cmVhbS52MS5DYW5jZWxSZXF1ZXN0Gh4udG9rZW5zdHJlYW0udjEuQ2FuY2VsUmVzcG9uc2USUwoKR2V0SGlzdG9yeRIhLnRva2Vuc3RyZWFtLnYxLkdldEhpc3RvcnlSZXF1ZXN0GiIudG9rZW5zdHJlYW0udjEuR2V0SGlzdG9yeVJlc3BvbnNlElAKCUdldFN0cmVhbRIgLnRva2Vuc3RyZWFtLnYxLkdldFN0cmVhbVJlcXVlc3QaIS50b2tlbnN0cmVhbS52MS5HZXRTdHJlYW1SZXNwb25zZRJrChJDcmVhdGVDb252ZXJzYXRpb24SKS50b2tlbnN0cmVhbS52MS5DcmVhdGVDb252ZXJzYXRpb25SZXF1ZXN0GioudG9rZW5zdHJlYW0udjEuQ3JlYXRlQ29udmVyc2F0aW9uUmVzcG9uc2USYgoPR2V0Q29udmVyc2F0aW9uEiYudG9rZW5zdHJlYW0udjEuR2V0Q29udmVyc2F0aW9uUmVxdWVzdBonLnRva2Vuc3RyZWFtLnYxLkdldENvbnZlcnNhdGlvblJlc3BvbnNlEmgKEUxpc3RDb252ZXJzYXRpb25zEigudG9rZW5zdHJlYW0udjEuTGlzdENvbnZlcnNhdGlvbnNSZXF1ZXN0GikudG9rZW5zdHJlYW0udjEuTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRJQCglBZGRNZW1iZXISIC50b2tlbnN0cmVhbS52MS5BZGRNZW1iZXJSZXF1ZXN0GiEudG9rZW5zdHJlYW0udjEuQWRkTWVtYmVyUmVzcG9uc2USWQoMUmVtb3ZlTWVtYmVyEiMudG9rZW5zdHJlYW0udjEuUmVtb3ZlTWVtYmVyUmVxdWVzdBokLnRva2Vuc3RyZWFtLnYxLlJlbW92ZU1lbWJlclJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("CiB0b2tlbnN0cmVhbS92MS90b2tlbnN0cmVhbS5wcm90bxIOdG9rZW5zdHJlYW0udjEiawoGTWVtYmVyEg8KB3VzZXJfaWQYASABKAkSIgoEcm9sZRgCIAEoDjIULnRva2Vuc3RyZWFtLnYxLlJvbGUSLAoIYWRkZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoABCgxDb252ZXJzYXRpb24SFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEi4KCmNyZWF0ZWRfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEicKB21lbWJlcnMYAyADKAsyFi50b2tlbnN0cmVhbS52MS5NZW1iZXIiGwoZQ3JlYXRlQ29udmVyc2F0aW9uUmVxdWVzdCJQChpDcmVhdGVDb252ZXJzYXRpb25SZXNwb25zZRIyCgxjb252ZXJzYXRpb24YASABKAsyHC50b2tlbnN0cmVhbS52MS5Db252ZXJzYXRpb24iMQoWR2V0Q29udmVyc2F0aW9uUmVxdWVzdBIXCg9jb252ZXJzYXRpb25faWQYASABKAkiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwudG9rZW5zdHJlYW0udjEuQ29udmVyc2F0aW9uIkEKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJpChlMaXN0Q29udmVyc2F0aW9uc1Jlc3BvbnNlEjMKDWNvbnZlcnNhdGlvbnMYASADKAsyHC50b2tlbnN0cmVhbS52MS5Db252ZXJzYXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJImAKEEFkZE1lbWJlclJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSIgoEcm9sZRgDIAEoDjIULnRva2Vuc3RyZWFtLnYxLlJvbGUiOwoRQWRkTWVtYmVyUmVzcG9uc2USJgoGbWVtYmVyGAEgASgLMhYudG9rZW5zdHJlYW0udjEuTWVtYmVyIj8KE1JlbW92ZU1lbWJlclJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkiFgoUUmVtb3ZlTWVtYmVyUmVzcG9uc2UidQoTU3VibWl0UHJvbXB0UmVxdWVzdBIXCg9jb252ZXJzYXRpb25faWQYASABKAkSDgoGcHJvbXB0GAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSDQoFbW9kZWwYBCABKAkSEgoKbWF4X3Rva2VucxgFIAEoBSJRChRTdWJtaXRQcm9tcHRSZXNwb25zZRIRCglzdHJlYW1faWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBW1vZGVsGAMgASgJIjcKEFN1YnNjcmliZVJlcXVlc3QSEQoJc3RyZWFtX2lkGAEgASgJEhAKCGZyb21fc2VxGAIgASgDIqMBChFTdWJzY3JpYmVSZXNwb25zZRIrCgVjaHVuaxgBIAEoCzIaLnRva2Vuc3RyZWFtLnYxLlRva2VuQ2h1bmtIABIuCgloZWFydGJlYXQYAiABKAsyGS50b2tlbnN0cmVhbS52MS5IZWFydGJlYXRIABIoCgNlbmQYAyABKAsyGS50b2tlbnN0cmVhbS52MS5TdHJlYW1FbmRIAEIHCgVldmVudCI+CgpUb2tlbkNodW5rEhEKCXN0YXJ0X3NlcRgBIAEoAxIPCgdlbmRfc2VxGAIgASgDEgwKBHRleHQYAyABKAkiegoJSGVhcnRiZWF0EhAKCGhlYWRfc2VxGAEgASgDEioKBXN0YXRlGAIgASgOMhsudG9rZW5zdHJlYW0udjEuU3RyZWFtU3RhdGUSLwoLc2VydmVyX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImkKCVN0cmVhbUVuZBIqCgVzdGF0ZRgBIAEoDjIbLnRva2Vuc3RyZWFtLnYxLlN0cmVhbVN0YXRlEhEKCWZpbmFsX3NlcRgCIAEoAxINCgVlcnJvchgDIAEoCRIOCgZyZWFzb24YBCABKAkiIgoNQ2FuY2VsUmVxdWVzdBIRCglzdHJlYW1faWQYASABKAkiTwoOQ2FuY2VsUmVzcG9uc2USKgoFc3RhdGUYASABKA4yGy50b2tlbnN0cmVhbS52MS5TdHJlYW1TdGF0ZRIRCglmaW5hbF9zZXEYAiABKAMiUwoRR2V0SGlzdG9yeVJlcXVlc3QSFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlIKEkdldEhpc3RvcnlSZXNwb25zZRIjCgV0dXJucxgBIAMoCzIULnRva2Vuc3RyZWFtLnYxLlR1cm4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIogCCgRUdXJuEhEKCXN0cmVhbV9pZBgBIAEoCRIOCgZwcm9tcHQYAiABKAkSEAoIcmVzcG9uc2UYAyABKAkSKgoFc3RhdGUYBCABKA4yGy50b2tlbnN0cmVhbS52MS5TdHJlYW1TdGF0ZRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW9kZWwYByABKAkSEAoIaGVhZF9zZXEYCCABKAMSDgoGcmVhc29uGAkgASgJEg0KBWVycm9yGAogASgJIiUKEEdldFN0cmVhbVJlcXVlc3QSEQoJc3RyZWFtX2lkGAEgASgJIlIKEUdldFN0cmVhbVJlc3BvbnNlEiQKBnN0cmVhbRgBIAEoCzIULnRva2Vuc3RyZWFtLnYxLlR1cm4SFwoPY29udmVyc2F0aW9uX2lkGAIgASgJIksKGFdhdGNoQ29udmVyc2F0aW9uUmVxdWVzdBIXCg9jb252ZXJzYXRpb25faWQYASABKAkSFgoOZnJvbV9ldmVudF9zZXEYAiABKAMimAEKGVdhdGNoQ29udmVyc2F0aW9uUmVzcG9uc2USNAoGZXZlbnRzGAEgASgLMiIudG9rZW5zdHJlYW0udjEuQ29udmVyc2F0aW9uRXZlbnRzSAASOgoJaGVhcnRiZWF0GAIgASgLMiUudG9rZW5zdHJlYW0udjEuQ29udmVyc2F0aW9uSGVhcnRiZWF0SABCCQoHbWVzc2FnZSJHChJDb252ZXJzYXRpb25FdmVudHMSMQoGZXZlbnRzGAEgAygLMiEudG9rZW5zdHJlYW0udjEuQ29udmVyc2F0aW9uRXZlbnQiYAoVQ29udmVyc2F0aW9uSGVhcnRiZWF0EhYKDmhlYWRfZXZlbnRfc2VxGAEgASgDEi8KC3NlcnZlcl90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCL6AgoRQ29udmVyc2F0aW9uRXZlbnQSCwoDc2VxGAEgASgDEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAMgASgJEjsKEHByb21wdF9zdWJtaXR0ZWQYBCABKAsyHy50b2tlbnN0cmVhbS52MS5Qcm9tcHRTdWJtaXR0ZWRIABI3Cg5zdHJlYW1fc3RhcnRlZBgFIAEoCzIdLnRva2Vuc3RyZWFtLnYxLlN0cmVhbVN0YXJ0ZWRIABIzCgxzdHJlYW1fZW5kZWQYBiABKAsyGy50b2tlbnN0cmVhbS52MS5TdHJlYW1FbmRlZEgAEjMKDG1lbWJlcl9hZGRlZBgHIAEoCzIbLnRva2Vuc3RyZWFtLnYxLk1lbWJlckFkZGVkSAASNwoObWVtYmVyX3JlbW92ZWQYCCABKAsyHS50b2tlbnN0cmVhbS52MS5NZW1iZXJSZW1vdmVkSABCBgoEa2luZCI0Cg9Qcm9tcHRTdWJtaXR0ZWQSEQoJc3RyZWFtX2lkGAEgASgJEg4KBnByb21wdBgCIAEoCSIxCg1TdHJlYW1TdGFydGVkEhEKCXN0cmVhbV9pZBgBIAEoCRINCgVtb2RlbBgCIAEoCSJvCgtTdHJlYW1FbmRlZBIRCglzdHJlYW1faWQYASABKAkSKgoFc3RhdGUYAiABKA4yGy50b2tlbnN0cmVhbS52MS5TdHJlYW1TdGF0ZRIRCglmaW5hbF9zZXEYAyABKAMSDgoGcmVhc29uGAQgASgJIkIKC01lbWJlckFkZGVkEg8KB3VzZXJfaWQYASABKAkSIgoEcm9sZRgCIAEoDjIULnRva2Vuc3RyZWFtLnYxLlJvbGUiIAoNTWVtYmVyUmVtb3ZlZBIPCgd1c2VyX2lkGAEgASgJKk4KBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg4KClJPTEVfT1dORVIQARIPCgtST0xFX01FTUJFUhACEg8KC1JPTEVfVklFV0VSEAMqsAEKC1N0cmVhbVN0YXRlEhwKGFNUUkVBTV9TVEFURV9VTlNQRUNJRklFRBAAEhgKFFNUUkVBTV9TVEFURV9QRU5ESU5HEAESGAoUU1RSRUFNX1NUQVRFX1JVTk5JTkcQAhIaChZTVFJFQU1fU1RBVEVfQ09NUExFVEVEEAMSGgoWU1RSRUFNX1NUQVRFX0NBTkNFTExFRBAEEhcKE1NUUkVBTV9TVEFURV9GQUlMRUQQBTKHCAoSVG9rZW5TdHJlYW1TZXJ2aWNlElkKDFN1Ym1pdFByb21wdBIjLnRva2Vuc3RyZWFtLnYxLlN1Ym1pdFByb21wdFJlcXVlc3QaJC50b2tlbnN0cmVhbS52MS5TdWJtaXRQcm9tcHRSZXNwb25zZRJSCglTdWJzY3JpYmUSIC50b2tlbnN0cmVhbS52MS5TdWJzY3JpYmVSZXF1ZXN0GiEudG9rZW5zdHJlYW0udjEuU3Vic2NyaWJlUmVzcG9uc2UwARJHCgZDYW5jZWwSHS50b2tlbnN0cmVhbS52MS5DYW5jZWxSZXF1ZXN0Gh4udG9rZW5zdHJlYW0udjEuQ2FuY2VsUmVzcG9uc2USUwoKR2V0SGlzdG9yeRIhLnRva2Vuc3RyZWFtLnYxLkdldEhpc3RvcnlSZXF1ZXN0GiIudG9rZW5zdHJlYW0udjEuR2V0SGlzdG9yeVJlc3BvbnNlElAKCUdldFN0cmVhbRIgLnRva2Vuc3RyZWFtLnYxLkdldFN0cmVhbVJlcXVlc3QaIS50b2tlbnN0cmVhbS52MS5HZXRTdHJlYW1SZXNwb25zZRJrChJDcmVhdGVDb252ZXJzYXRpb24SKS50b2tlbnN0cmVhbS52MS5DcmVhdGVDb252ZXJzYXRpb25SZXF1ZXN0GioudG9rZW5zdHJlYW0udjEuQ3JlYXRlQ29udmVyc2F0aW9uUmVzcG9uc2USYgoPR2V0Q29udmVyc2F0aW9uEiYudG9rZW5zdHJlYW0udjEuR2V0Q29udmVyc2F0aW9uUmVxdWVzdBonLnRva2Vuc3RyZWFtLnYxLkdldENvbnZlcnNhdGlvblJlc3BvbnNlEmgKEUxpc3RDb252ZXJzYXRpb25zEigudG9rZW5zdHJlYW0udjEuTGlzdENvbnZlcnNhdGlvbnNSZXF1ZXN0GikudG9rZW5zdHJlYW0udjEuTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRJQCglBZGRNZW1iZXISIC50b2tlbnN0cmVhbS52MS5BZGRNZW1iZXJSZXF1ZXN0GiEudG9rZW5zdHJlYW0udjEuQWRkTWVtYmVyUmVzcG9uc2USWQoMUmVtb3ZlTWVtYmVyEiMudG9rZW5zdHJlYW0udjEuUmVtb3ZlTWVtYmVyUmVxdWVzdBokLnRva2Vuc3RyZWFtLnYxLlJlbW92ZU1lbWJlclJlc3BvbnNlEmoKEVdhdGNoQ29udmVyc2F0aW9uEigudG9rZW5zdHJlYW0udjEuV2F0Y2hDb252ZXJzYXRpb25SZXF1ZXN0GikudG9rZW5zdHJlYW0udjEuV2F0Y2hDb252ZXJzYXRpb25SZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A user's membership in a conversation.
@@ -839,6 +839,350 @@ export const GetStreamResponseSchema: GenMessage<GetStreamResponse> = /*@__PURE_
   messageDesc(file_tokenstream_v1_tokenstream, 25);
 
 /**
+ * Request for WatchConversation.
+ *
+ * @generated from message tokenstream.v1.WatchConversationRequest
+ */
+export type WatchConversationRequest = Message<"tokenstream.v1.WatchConversationRequest"> & {
+  /**
+   * The conversation to watch.
+   *
+   * @generated from field: string conversation_id = 1;
+   */
+  conversationId: string;
+
+  /**
+   * The first event seq wanted (events are numbered from 0 per conversation). A seq past
+   * the newest event waits for it.
+   *
+   * @generated from field: int64 from_event_seq = 2;
+   */
+  fromEventSeq: bigint;
+};
+
+/**
+ * Describes the message tokenstream.v1.WatchConversationRequest.
+ * Use `create(WatchConversationRequestSchema)` to create a new message.
+ */
+export const WatchConversationRequestSchema: GenMessage<WatchConversationRequest> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 26);
+
+/**
+ * One message of a conversation watch.
+ *
+ * @generated from message tokenstream.v1.WatchConversationResponse
+ */
+export type WatchConversationResponse = Message<"tokenstream.v1.WatchConversationResponse"> & {
+  /**
+   * What this message carries.
+   *
+   * @generated from oneof tokenstream.v1.WatchConversationResponse.message
+   */
+  message: {
+    /**
+     * Consecutive events, in order (all the missed ones at once when catching up).
+     *
+     * @generated from field: tokenstream.v1.ConversationEvents events = 1;
+     */
+    value: ConversationEvents;
+    case: "events";
+  } | {
+    /**
+     * Sent when nothing else was sent for a while.
+     *
+     * @generated from field: tokenstream.v1.ConversationHeartbeat heartbeat = 2;
+     */
+    value: ConversationHeartbeat;
+    case: "heartbeat";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message tokenstream.v1.WatchConversationResponse.
+ * Use `create(WatchConversationResponseSchema)` to create a new message.
+ */
+export const WatchConversationResponseSchema: GenMessage<WatchConversationResponse> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 27);
+
+/**
+ * Consecutive conversation events.
+ *
+ * @generated from message tokenstream.v1.ConversationEvents
+ */
+export type ConversationEvents = Message<"tokenstream.v1.ConversationEvents"> & {
+  /**
+   * The events, by increasing seq with no gaps.
+   *
+   * @generated from field: repeated tokenstream.v1.ConversationEvent events = 1;
+   */
+  events: ConversationEvent[];
+};
+
+/**
+ * Describes the message tokenstream.v1.ConversationEvents.
+ * Use `create(ConversationEventsSchema)` to create a new message.
+ */
+export const ConversationEventsSchema: GenMessage<ConversationEvents> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 28);
+
+/**
+ * Liveness signal on a quiet conversation watch.
+ *
+ * @generated from message tokenstream.v1.ConversationHeartbeat
+ */
+export type ConversationHeartbeat = Message<"tokenstream.v1.ConversationHeartbeat"> & {
+  /**
+   * Seq of the newest event, or -1 if there is none.
+   *
+   * @generated from field: int64 head_event_seq = 1;
+   */
+  headEventSeq: bigint;
+
+  /**
+   * The server's clock when the heartbeat was sent.
+   *
+   * @generated from field: google.protobuf.Timestamp server_time = 2;
+   */
+  serverTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tokenstream.v1.ConversationHeartbeat.
+ * Use `create(ConversationHeartbeatSchema)` to create a new message.
+ */
+export const ConversationHeartbeatSchema: GenMessage<ConversationHeartbeat> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 29);
+
+/**
+ * Something that happened in a conversation.
+ *
+ * @generated from message tokenstream.v1.ConversationEvent
+ */
+export type ConversationEvent = Message<"tokenstream.v1.ConversationEvent"> & {
+  /**
+   * Position in the conversation's event sequence, from 0.
+   *
+   * @generated from field: int64 seq = 1;
+   */
+  seq: bigint;
+
+  /**
+   * When it happened.
+   *
+   * @generated from field: google.protobuf.Timestamp time = 2;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * Who did it (empty without authentication, or when the server did it).
+   *
+   * @generated from field: string actor = 3;
+   */
+  actor: string;
+
+  /**
+   * What happened.
+   *
+   * @generated from oneof tokenstream.v1.ConversationEvent.kind
+   */
+  kind: {
+    /**
+     * A prompt was submitted; its response is stream `stream_id`.
+     *
+     * @generated from field: tokenstream.v1.PromptSubmitted prompt_submitted = 4;
+     */
+    value: PromptSubmitted;
+    case: "promptSubmitted";
+  } | {
+    /**
+     * Generation of a stream started.
+     *
+     * @generated from field: tokenstream.v1.StreamStarted stream_started = 5;
+     */
+    value: StreamStarted;
+    case: "streamStarted";
+  } | {
+    /**
+     * A stream ended.
+     *
+     * @generated from field: tokenstream.v1.StreamEnded stream_ended = 6;
+     */
+    value: StreamEnded;
+    case: "streamEnded";
+  } | {
+    /**
+     * A user joined, or their role changed.
+     *
+     * @generated from field: tokenstream.v1.MemberAdded member_added = 7;
+     */
+    value: MemberAdded;
+    case: "memberAdded";
+  } | {
+    /**
+     * A user left or was removed.
+     *
+     * @generated from field: tokenstream.v1.MemberRemoved member_removed = 8;
+     */
+    value: MemberRemoved;
+    case: "memberRemoved";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message tokenstream.v1.ConversationEvent.
+ * Use `create(ConversationEventSchema)` to create a new message.
+ */
+export const ConversationEventSchema: GenMessage<ConversationEvent> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 30);
+
+/**
+ * A prompt was submitted.
+ *
+ * @generated from message tokenstream.v1.PromptSubmitted
+ */
+export type PromptSubmitted = Message<"tokenstream.v1.PromptSubmitted"> & {
+  /**
+   * The response stream.
+   *
+   * @generated from field: string stream_id = 1;
+   */
+  streamId: string;
+
+  /**
+   * The prompt.
+   *
+   * @generated from field: string prompt = 2;
+   */
+  prompt: string;
+};
+
+/**
+ * Describes the message tokenstream.v1.PromptSubmitted.
+ * Use `create(PromptSubmittedSchema)` to create a new message.
+ */
+export const PromptSubmittedSchema: GenMessage<PromptSubmitted> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 31);
+
+/**
+ * Generation of a stream started.
+ *
+ * @generated from message tokenstream.v1.StreamStarted
+ */
+export type StreamStarted = Message<"tokenstream.v1.StreamStarted"> & {
+  /**
+   * The stream.
+   *
+   * @generated from field: string stream_id = 1;
+   */
+  streamId: string;
+
+  /**
+   * Its token source.
+   *
+   * @generated from field: string model = 2;
+   */
+  model: string;
+};
+
+/**
+ * Describes the message tokenstream.v1.StreamStarted.
+ * Use `create(StreamStartedSchema)` to create a new message.
+ */
+export const StreamStartedSchema: GenMessage<StreamStarted> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 32);
+
+/**
+ * A stream ended.
+ *
+ * @generated from message tokenstream.v1.StreamEnded
+ */
+export type StreamEnded = Message<"tokenstream.v1.StreamEnded"> & {
+  /**
+   * The stream.
+   *
+   * @generated from field: string stream_id = 1;
+   */
+  streamId: string;
+
+  /**
+   * How: COMPLETED, CANCELLED or FAILED.
+   *
+   * @generated from field: tokenstream.v1.StreamState state = 2;
+   */
+  state: StreamState;
+
+  /**
+   * Its last token's seq, or -1.
+   *
+   * @generated from field: int64 final_seq = 3;
+   */
+  finalSeq: bigint;
+
+  /**
+   * For FAILED streams, the cause (see StreamEnd.reason).
+   *
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message tokenstream.v1.StreamEnded.
+ * Use `create(StreamEndedSchema)` to create a new message.
+ */
+export const StreamEndedSchema: GenMessage<StreamEnded> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 33);
+
+/**
+ * A user joined, or their role changed.
+ *
+ * @generated from message tokenstream.v1.MemberAdded
+ */
+export type MemberAdded = Message<"tokenstream.v1.MemberAdded"> & {
+  /**
+   * The user.
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * Their role now.
+   *
+   * @generated from field: tokenstream.v1.Role role = 2;
+   */
+  role: Role;
+};
+
+/**
+ * Describes the message tokenstream.v1.MemberAdded.
+ * Use `create(MemberAddedSchema)` to create a new message.
+ */
+export const MemberAddedSchema: GenMessage<MemberAdded> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 34);
+
+/**
+ * A user left or was removed.
+ *
+ * @generated from message tokenstream.v1.MemberRemoved
+ */
+export type MemberRemoved = Message<"tokenstream.v1.MemberRemoved"> & {
+  /**
+   * The user.
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+};
+
+/**
+ * Describes the message tokenstream.v1.MemberRemoved.
+ * Use `create(MemberRemovedSchema)` to create a new message.
+ */
+export const MemberRemovedSchema: GenMessage<MemberRemoved> = /*@__PURE__*/
+  messageDesc(file_tokenstream_v1_tokenstream, 35);
+
+/**
  * What a member may do in a conversation.
  *
  * @generated from enum tokenstream.v1.Role
@@ -1049,6 +1393,18 @@ export const TokenStreamService: GenService<{
     methodKind: "unary";
     input: typeof RemoveMemberRequestSchema;
     output: typeof RemoveMemberResponseSchema;
+  },
+  /**
+   * Streams what happens in a conversation from `from_event_seq` on: prompts, stream
+   * starts and ends, membership changes. Resumable exactly like Subscribe: a watcher that
+   * holds events up to N resumes with N + 1. Missed events arrive together.
+   *
+   * @generated from rpc tokenstream.v1.TokenStreamService.WatchConversation
+   */
+  watchConversation: {
+    methodKind: "server_streaming";
+    input: typeof WatchConversationRequestSchema;
+    output: typeof WatchConversationResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tokenstream_v1_tokenstream, 0);

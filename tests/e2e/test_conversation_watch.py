@@ -164,3 +164,29 @@ async def test_watching_needs_membership(server: TokenStreamServer) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await watch_until(stub, "eve", mine.conversation_id, 0, "stream_ended")
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_late_device_joins_from_a_snapshot_without_a_gap(
+    server: TokenStreamServer,
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TokenStreamServiceStub(channel)
+        first = await stub.SubmitPrompt(
+            pb.SubmitPromptRequest(prompt="before", model="echo"), metadata=auth("alice")
+        )
+        conversation = first.conversation_id
+        await watch_until(stub, "alice", conversation, 0, "stream_ended")  # first turn done
+        snapshot = await stub.GetHistory(
+            pb.GetHistoryRequest(conversation_id=conversation), metadata=auth("alice")
+        )
+        assert [t.prompt for t in snapshot.turns] == ["before"]
+        assert snapshot.head_event_seq == 2  # submitted, started, ended
+        await stub.SubmitPrompt(
+            pb.SubmitPromptRequest(conversation_id=conversation, prompt="after", model="echo"),
+            metadata=auth("alice"),
+        )
+        live, _ = await watch_until(
+            stub, "alice", conversation, snapshot.head_event_seq + 1, "stream_ended"
+        )
+        assert [e.seq for e in live] == [3, 4, 5]
+        assert live[0].prompt_submitted.prompt == "after"

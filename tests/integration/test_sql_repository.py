@@ -121,7 +121,7 @@ async def test_ending_compacts_runs_into_one_row(
         runs = await repo.read_runs(stream_id(0), k, 10)
         assert len(runs) == 1
         assert "".join(c.text for c in runs[0].chunks(k, 3)) == "".join(tokens[k:])
-    turns = await repo.list_turns(CONV, 0, 10)
+    turns = (await repo.list_turns(CONV, 0, 10)).turns
     assert [t.response for t in turns] == ["".join(tokens)]
 
 
@@ -193,7 +193,7 @@ async def test_reads_see_one_snapshot_while_a_stream_is_compacted(
 
     writer = asyncio.create_task(write())
     while not writer.done():
-        (turn,) = await repo.list_turns(CONV, 0, 10)
+        (turn,) = (await repo.list_turns(CONV, 0, 10)).turns
         assert turn.response == "".join(tokens[: turn.stream.head_seq + 1])
     await writer
 
@@ -223,12 +223,12 @@ async def test_missing_things_raise_not_found(repo: SqlStreamRepository) -> None
 async def test_running_turns_show_their_durable_prefix(repo: SqlStreamRepository) -> None:
     await repo.commit(WriteBatch(NOW, runs=[(stream_id(0), TokenRun.from_tokens(0, ["x", "y"]))]))
     await repo.create_stream(new_stream(1))
-    turns = await repo.list_turns(CONV, 0, 10)
+    turns = (await repo.list_turns(CONV, 0, 10)).turns
     assert [(t.stream.prompt, t.response, t.stream.state) for t in turns] == [
         ("prompt 0", "xy", StreamState.RUNNING),
         ("prompt 1", "", StreamState.RUNNING),
     ]
-    assert (await repo.list_turns(CONV, turns[0].cursor, 10))[0].stream.prompt == "prompt 1"
+    assert (await repo.list_turns(CONV, turns[0].cursor, 10)).turns[0].stream.prompt == "prompt 1"
 
 
 async def test_end_active_streams_compacts_them(repo: SqlStreamRepository) -> None:

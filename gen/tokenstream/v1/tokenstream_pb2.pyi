@@ -714,8 +714,14 @@ class GetHistoryResponse(_message.Message):
 
     TURNS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    HEAD_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty when this is the last page."""
+    head_event_seq: _builtins.int
+    """The conversation's newest event seq when this page was read (-1: none). A device that
+    joins late reads the history, then WatchConversation from head_event_seq + 1: nothing
+    between the snapshot and the live events is missed.
+    """
     @_builtins.property
     def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Turn]:
         """Turns, oldest first."""
@@ -725,10 +731,11 @@ class GetHistoryResponse(_message.Message):
         *,
         turns: _abc.Iterable[Global___Turn] | None = ...,
         next_page_token: _builtins.str = ...,
+        head_event_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "turns", b"turns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_event_seq", b"head_event_seq", "next_page_token", b"next_page_token", "turns", b"turns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,6 +24,7 @@ from tokenstream.server.storage.repository import (
     CommitResult,
     NewStream,
     PurgeResult,
+    Turns,
     WriteBatch,
 )
 
@@ -162,18 +163,19 @@ class MemoryStreamRepository:
                 chars += len(run.text)
         return runs
 
-    async def list_turns(self, conversation_id: str, after: int, limit: int) -> list[Turn]:
+    async def list_turns(self, conversation_id: str, after: int, limit: int) -> Turns:
         if conversation_id not in self._conversations:
             raise NotFound(conversation_id)
         chosen = sorted(
             (s for s in self._streams.values() if s.record.conversation_id == conversation_id),
             key=lambda s: s.cursor,
         )
-        return [
+        turns = [
             Turn(s.record, (s.compacted or join_runs(s.runs)).text, s.cursor)
             for s in chosen
             if s.cursor > after
         ][:limit]
+        return Turns(turns, len(self._events.get(conversation_id, [])) - 1)
 
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
         return [sid for sid in list(self._streams) if self._end(sid, ending, at)]

@@ -61,6 +61,14 @@ class WriteBatch:
     endings: list[tuple[str, Ending]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Turns:
+    turns: list[Turn]
+    # The newest conversation event when the turns were read (-1: none), so a reader can
+    # watch from the next one without a gap between this snapshot and the live events.
+    head_event_seq: int
+
+
 @dataclass(slots=True)
 class CommitResult:
     # The record of every stream of the batch that is terminal after it.
@@ -105,8 +113,9 @@ class StreamRepository(Protocol):
         """
         ...
 
-    async def list_turns(self, conversation_id: str, after: int, limit: int) -> list[Turn]:
-        """Turns with cursor > `after`, oldest first. Raises NotFound for no conversation."""
+    async def list_turns(self, conversation_id: str, after: int, limit: int) -> Turns:
+        """Turns with cursor > `after`, oldest first, and the newest conversation event's seq
+        as of the same read. Raises NotFound for no conversation."""
         ...
 
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:

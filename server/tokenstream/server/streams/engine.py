@@ -88,6 +88,7 @@ class Submission:
 class HistoryPage:
     turns: list[Turn]
     next_page_token: str
+    head_event_seq: int = -1  # the conversation's newest event as of this read
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +385,7 @@ class StreamEngine:
         limit = page_size or settings.default_page_size
         after = decode_page_token(page_token, conversation_id)
         try:
-            turns = await guarded(self._repository.list_turns(conversation_id, after, limit + 1))
+            found = await guarded(self._repository.list_turns(conversation_id, after, limit + 1))
         except storage_errors.NotFound as exc:
             raise NotFound(
                 f"conversation {conversation_id} does not exist; conversation ids come from "
@@ -392,10 +393,11 @@ class StreamEngine:
                 reason="CONVERSATION_NOT_FOUND",
                 field="conversation_id",
             ) from exc
+        turns, head = found.turns, found.head_event_seq
         if len(turns) > limit:
             turns = turns[:limit]
-            return HistoryPage(turns, encode_page_token(conversation_id, turns[-1].cursor))
-        return HistoryPage(turns, "")
+            return HistoryPage(turns, encode_page_token(conversation_id, turns[-1].cursor), head)
+        return HistoryPage(turns, "", head)
 
     async def subscribe(
         self, stream_id: str, from_seq: int, user: str | None = None

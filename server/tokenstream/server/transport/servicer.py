@@ -90,6 +90,7 @@ class TokenStreamServicer(pb_grpc.TokenStreamServiceServicer):
         return pb.GetHistoryResponse(
             turns=[history_turn_to_proto(turn) for turn in page.turns],
             next_page_token=page.next_page_token,
+            head_event_seq=page.head_event_seq,
         )
 
     async def GetStream(

@@ -36,6 +36,7 @@ from tokenstream.server.storage.repository import (
     CommitResult,
     NewStream,
     PurgeResult,
+    Turns,
     WriteBatch,
 )
 from tokenstream.server.storage.sql.database import WRITE_OPTION
@@ -377,7 +378,7 @@ class SqlStreamRepository:
             await result.close()
             return runs
 
-    async def list_turns(self, conversation_id: str, after: int, limit: int) -> list[Turn]:
+    async def list_turns(self, conversation_id: str, after: int, limit: int) -> Turns:
         async with self._read() as conn:
             if not await self._conversation_exists(conn, conversation_id):
                 raise NotFound(conversation_id)
@@ -397,7 +398,12 @@ class SqlStreamRepository:
                 else:
                     response = join_runs(await self._all_runs(conn, record.stream_id)).text
                 turns.append(Turn(record, response, row.id))
-            return turns
+            head = await conn.scalar(
+                select(func.max(conversation_events.c.seq)).where(
+                    conversation_events.c.conversation_id == conversation_id
+                )
+            )
+            return Turns(turns, -1 if head is None else int(head))
 
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
         async with self._write() as conn:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from functools import wraps
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy import exc as sa_exc
@@ -69,6 +71,31 @@ _RECORD_COLUMNS = [
     streams.c.finished_at,
     streams.c.author,
 ]
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _finish_even_if_cancelled(
+    method: Callable[Concatenate[SqlStreamRepository, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[SqlStreamRepository, P], Coroutine[Any, Any, T]]:
+    """Runs the call to completion even when its caller is cancelled.
+
+    A database call interrupted half-way (a subscriber disconnecting mid-read, say) leaves
+    the driver's connection to be torn down in the background, which can outlive the
+    engine; shielded, the call finishes and returns its connection normally, while the
+    cancelled caller moves on at once. `close()` waits for such calls before disposing.
+    """
+
+    @wraps(method)
+    async def shielded(self: SqlStreamRepository, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        task = asyncio.ensure_future(method(self, *args, **kwargs))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    return shielded
 
 
 def _is_outage(exc: Exception) -> bool:
@@ -179,8 +206,11 @@ def _member(row: Any) -> Member:
 class SqlStreamRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._inflight: set[asyncio.Future[Any]] = set()
 
     async def close(self) -> None:
+        if self._inflight:  # calls whose callers were cancelled: let them return connections
+            await asyncio.wait(set(self._inflight), timeout=10)
         await self._engine.dispose()
 
     @asynccontextmanager
@@ -197,6 +227,7 @@ class SqlStreamRepository:
             async with conn.begin():
                 yield conn
 
+    @_finish_even_if_cancelled
     async def create_stream(self, new: NewStream) -> StreamRecord:
         try:
             async with self._write() as conn:
@@ -280,6 +311,7 @@ class SqlStreamRepository:
         await conn.execute(insert(streams).values(**_stream_row(new)))
         await _append_events(conn, _creation_events(new))
 
+    @_finish_even_if_cancelled
     async def get_stream(self, stream_id: str) -> StreamRecord:
         async with self._read() as conn:
             row = (
@@ -289,6 +321,7 @@ class SqlStreamRepository:
                 raise NotFound(stream_id)
             return await self._record(conn, row)
 
+    @_finish_even_if_cancelled
     async def find_by_request_id(self, request_id: str) -> StreamRecord | None:
         async with self._read() as conn:
             row = (
@@ -298,10 +331,12 @@ class SqlStreamRepository:
             ).first()
             return None if row is None else await self._record(conn, row)
 
+    @_finish_even_if_cancelled
     async def conversation_exists(self, conversation_id: str) -> bool:
         async with self._read() as conn:
             return await self._conversation_exists(conn, conversation_id)
 
+    @_finish_even_if_cancelled
     async def commit(self, batch: WriteBatch) -> CommitResult:
         touched = {stream_id for stream_id, _ in batch.runs}
         touched.update(stream_id for stream_id, _ in batch.endings)
@@ -349,6 +384,7 @@ class SqlStreamRepository:
                     terminal[stream_id] = await self._record(conn, row)
         return result
 
+    @_finish_even_if_cancelled
     async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
         async with self._read() as conn:
             row = (
@@ -378,6 +414,7 @@ class SqlStreamRepository:
             await result.close()
             return runs
 
+    @_finish_even_if_cancelled
     async def list_turns(self, conversation_id: str, after: int, limit: int) -> Turns:
         async with self._read() as conn:
             if not await self._conversation_exists(conn, conversation_id):
@@ -405,6 +442,7 @@ class SqlStreamRepository:
             )
             return Turns(turns, -1 if head is None else int(head))
 
+    @_finish_even_if_cancelled
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
         async with self._write() as conn:
             ids = (
@@ -419,6 +457,7 @@ class SqlStreamRepository:
                 await self._end_stream(conn, stream_id, ending, at)
             return list(ids)
 
+    @_finish_even_if_cancelled
     async def renew_leases(self, owner_id: str, stream_ids: Sequence[str], until: datetime) -> int:
         if not stream_ids:
             return 0
@@ -434,6 +473,7 @@ class SqlStreamRepository:
             )
             return int(result.rowcount)
 
+    @_finish_even_if_cancelled
     async def end_expired_leases(self, now: datetime, ending: Ending) -> list[str]:
         async with self._write() as conn:
             ids = (
@@ -451,6 +491,7 @@ class SqlStreamRepository:
                 await self._end_stream(conn, stream_id, ending, now)
             return list(ids)
 
+    @_finish_even_if_cancelled
     async def purge_finished(self, before: datetime) -> PurgeResult:
         async with self._write() as conn:
             purged = await conn.execute(
@@ -470,6 +511,7 @@ class SqlStreamRepository:
 
     # -- conversations and members ----------------------------------------------------------
 
+    @_finish_even_if_cancelled
     async def create_conversation(
         self, conversation_id: str, owner: str | None, at: datetime
     ) -> Conversation:
@@ -488,10 +530,12 @@ class SqlStreamRepository:
                 )
             return await self._conversation(conn, conversation_id)
 
+    @_finish_even_if_cancelled
     async def get_conversation(self, conversation_id: str) -> Conversation:
         async with self._read() as conn:
             return await self._conversation(conn, conversation_id)
 
+    @_finish_even_if_cancelled
     async def role_of(self, conversation_id: str, user_id: str) -> Role | None:
         async with self._read() as conn:
             role = await conn.scalar(
@@ -501,6 +545,7 @@ class SqlStreamRepository:
             )
             return None if role is None else Role(role)
 
+    @_finish_even_if_cancelled
     async def list_conversations(
         self, user_id: str | None, before: int, limit: int
     ) -> list[Conversation]:
@@ -517,6 +562,7 @@ class SqlStreamRepository:
             ids = (await conn.scalars(query.limit(limit))).all()
             return [await self._conversation(conn, cid) for cid in ids]
 
+    @_finish_even_if_cancelled
     async def set_member(
         self,
         conversation_id: str,
@@ -546,6 +592,7 @@ class SqlStreamRepository:
             await _append_events(conn, [(conversation_id, at, actor, "member_added", event)])
             return Member(user_id, role, at)
 
+    @_finish_even_if_cancelled
     async def remove_member(
         self, conversation_id: str, user_id: str, actor: str | None = None
     ) -> bool:
@@ -562,6 +609,7 @@ class SqlStreamRepository:
             await _append_events(conn, [(conversation_id, at, actor, "member_removed", event)])
             return True
 
+    @_finish_even_if_cancelled
     async def read_events(
         self, conversation_id: str, from_seq: int, limit: int
     ) -> tuple[list[ConversationEvent], int]:

@@ -373,26 +373,13 @@ class StreamEngine:
         self, conversation_id: str, page_size: int, page_token: str, user: str | None = None
     ) -> HistoryPage:
         ids.check_conversation_id(conversation_id)
+        limit = self._page_size(page_size)
         await self._require(conversation_id, user, Role.VIEWER)
-        settings = self.settings
-        if not 0 <= page_size <= settings.max_page_size:
-            raise InvalidArgument(
-                f"page_size is {page_size}; it must be between 1 and {settings.max_page_size}, "
-                f"or 0 for the default ({settings.default_page_size})",
-                reason="PAGE_SIZE_OUT_OF_RANGE",
-                field="page_size",
-            )
-        limit = page_size or settings.default_page_size
         after = decode_page_token(page_token, conversation_id)
         try:
             found = await guarded(self._repository.list_turns(conversation_id, after, limit + 1))
         except storage_errors.NotFound as exc:
-            raise NotFound(
-                f"conversation {conversation_id} does not exist; conversation ids come from "
-                "SubmitPrompt",
-                reason="CONVERSATION_NOT_FOUND",
-                field="conversation_id",
-            ) from exc
+            raise _conversation_not_found(conversation_id) from exc
         turns, head = found.turns, found.head_event_seq
         if len(turns) > limit:
             turns = turns[:limit]

@@ -14,7 +14,6 @@ from tokenstream.server.domain import (
     Member,
     Role,
     StreamRecord,
-    StreamState,
     TokenRun,
     Turn,
     join_runs,
@@ -22,10 +21,14 @@ from tokenstream.server.domain import (
 from tokenstream.server.storage.errors import AlreadyExists, NotFound
 from tokenstream.server.storage.repository import (
     CommitResult,
+    NewEvent,
     NewStream,
     PurgeResult,
     Turns,
     WriteBatch,
+    ending_event,
+    member_added_event,
+    member_removed_event,
 )
 
 
@@ -72,28 +75,9 @@ class MemoryStreamRepository:
             raise AlreadyExists(new.request_id or new.stream_id)
         if new.new_conversation:
             self._add_conversation(new.conversation_id, new.author, new.created_at)
-        record = StreamRecord(
-            stream_id=new.stream_id,
-            conversation_id=new.conversation_id,
-            prompt=new.prompt,
-            model=new.model,
-            max_tokens=new.max_tokens,
-            request_id=new.request_id,
-            request_hash=new.request_hash,
-            state=StreamState.RUNNING,
-            head_seq=-1,
-            created_at=new.created_at,
-            author=new.author,
-        )
-        self._event(
-            new.conversation_id,
-            new.created_at,
-            new.author,
-            "prompt_submitted",
-            {"stream_id": new.stream_id, "prompt": new.prompt},
-        )
-        self._event(new.conversation_id, new.created_at, new.author, "stream_started",
-                    {"stream_id": new.stream_id, "model": new.model})  # fmt: skip
+        record = new.record()
+        for event in new.events():
+            self._event(event)
         self._streams[new.stream_id] = _Stream(
             record, self._next_cursor, owner_id=new.owner_id, lease_expires_at=new.lease_expires_at
         )
@@ -270,9 +254,7 @@ class MemoryStreamRepository:
         if conversation_id not in self._conversations:
             raise NotFound(conversation_id)
         member = self._members[conversation_id][user_id] = Member(user_id, role, at)
-        self._event(
-            conversation_id, at, actor, "member_added", {"user_id": user_id, "role": role.name}
-        )
+        self._event(member_added_event(conversation_id, user_id, role, at, actor))
         return member
 
     async def remove_member(
@@ -280,9 +262,7 @@ class MemoryStreamRepository:
     ) -> bool:
         if self._members.get(conversation_id, {}).pop(user_id, None) is None:
             return False
-        self._event(
-            conversation_id, datetime.now(UTC), actor, "member_removed", {"user_id": user_id}
-        )
+        self._event(member_removed_event(conversation_id, user_id, datetime.now(UTC), actor))
         return True
 
     async def read_events(
@@ -294,16 +274,9 @@ class MemoryStreamRepository:
         events = self._events.get(conversation_id, [])
         return [e for e in events if e.seq >= from_seq][:limit], len(events) - 1
 
-    def _event(
-        self,
-        conversation_id: str,
-        at: datetime,
-        actor: str | None,
-        kind: str,
-        data: dict[str, object],
-    ) -> None:
-        events = self._events.setdefault(conversation_id, [])
-        events.append(ConversationEvent(len(events), at, actor, kind, data))
+    def _event(self, event: NewEvent) -> None:
+        events = self._events.setdefault(event.conversation_id, [])
+        events.append(ConversationEvent(len(events), event.at, event.actor, event.kind, event.data))
 
     def _add_conversation(self, conversation_id: str, owner: str | None, at: datetime) -> None:
         self._conversations.add(conversation_id)
@@ -327,12 +300,8 @@ class MemoryStreamRepository:
         full = join_runs(stream.runs)
         stream.compacted, stream.runs = full, []
         stream.lease_expires_at = None
-        self._event(stream.record.conversation_id, at, None, "stream_ended", {
-            "stream_id": stream_id,
-            "state": ending.state.value,
-            "final_seq": full.end_seq if full.ends else -1,
-            "reason": ending.reason,
-        })  # fmt: skip
+        final_seq = full.end_seq if full.ends else -1
+        self._event(ending_event(stream.record.conversation_id, stream_id, ending, final_seq, at))
         if ending.forget_request and stream.record.request_id is not None:
             self._request_ids.pop(stream.record.request_id, None)
         stream.record = replace(
@@ -341,6 +310,6 @@ class MemoryStreamRepository:
             reason=ending.reason,
             error=ending.error,
             finished_at=at,
-            head_seq=full.end_seq if full.ends else -1,
+            head_seq=final_seq,
         )
         return True

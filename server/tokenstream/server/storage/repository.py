@@ -14,6 +14,7 @@ from tokenstream.server.domain import (
     Member,
     Role,
     StreamRecord,
+    StreamState,
     TokenRun,
     Turn,
 )
@@ -38,6 +39,67 @@ class NewStream:
     lease_expires_at: datetime | None = None
     # Who submits it; for a new conversation, its first owner (None: unauthenticated).
     author: str | None = None
+
+    def record(self) -> StreamRecord:
+        """The stream as stored right after its creation."""
+        return StreamRecord(
+            stream_id=self.stream_id,
+            conversation_id=self.conversation_id,
+            prompt=self.prompt,
+            model=self.model,
+            max_tokens=self.max_tokens,
+            request_id=self.request_id,
+            request_hash=self.request_hash,
+            state=StreamState.RUNNING,
+            head_seq=-1,
+            created_at=self.created_at,
+            author=self.author,
+        )
+
+    def events(self) -> list[NewEvent]:
+        """The conversation events its creation writes."""
+        return [
+            NewEvent(self.conversation_id, self.created_at, self.author, "prompt_submitted",
+                     {"stream_id": self.stream_id, "prompt": self.prompt}),
+            NewEvent(self.conversation_id, self.created_at, self.author, "stream_started",
+                     {"stream_id": self.stream_id, "model": self.model}),
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A conversation event to store; the store numbers it (see ConversationEvent)."""
+
+    conversation_id: str
+    at: datetime
+    actor: str | None
+    kind: str
+    data: dict[str, object]
+
+
+def ending_event(
+    conversation_id: str, stream_id: str, ending: Ending, final_seq: int, at: datetime
+) -> NewEvent:
+    return NewEvent(conversation_id, at, None, "stream_ended", {
+        "stream_id": stream_id,
+        "state": ending.state.value,
+        "final_seq": final_seq,
+        "reason": ending.reason,
+    })  # fmt: skip
+
+
+def member_added_event(
+    conversation_id: str, user_id: str, role: Role, at: datetime, actor: str | None
+) -> NewEvent:
+    return NewEvent(
+        conversation_id, at, actor, "member_added", {"user_id": user_id, "role": role.name}
+    )
+
+
+def member_removed_event(
+    conversation_id: str, user_id: str, at: datetime, actor: str | None
+) -> NewEvent:
+    return NewEvent(conversation_id, at, actor, "member_removed", {"user_id": user_id})
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,10 +36,14 @@ from tokenstream.server.storage.errors import (
 )
 from tokenstream.server.storage.repository import (
     CommitResult,
+    NewEvent,
     NewStream,
     PurgeResult,
     Turns,
     WriteBatch,
+    ending_event,
+    member_added_event,
+    member_removed_event,
 )
 from tokenstream.server.storage.sql.database import WRITE_OPTION
 from tokenstream.server.storage.sql.schema import (
@@ -49,9 +53,6 @@ from tokenstream.server.storage.sql.schema import (
     streams,
     token_runs,
 )
-
-# conversation id, time, actor, kind, data
-_Event = tuple[str, datetime, str | None, str, dict[str, object]]
 
 _ACTIVE = [state.value for state in ACTIVE_STATES]
 _RECORD_COLUMNS = [
@@ -132,22 +133,6 @@ def _stream_row(new: NewStream) -> dict[str, Any]:
     }
 
 
-def _new_record(new: NewStream) -> StreamRecord:
-    return StreamRecord(
-        stream_id=new.stream_id,
-        conversation_id=new.conversation_id,
-        prompt=new.prompt,
-        model=new.model,
-        max_tokens=new.max_tokens,
-        request_id=new.request_id,
-        request_hash=new.request_hash,
-        state=StreamState.RUNNING,
-        head_seq=-1,
-        created_at=new.created_at,
-        author=new.author,
-    )
-
-
 def _owner_rows(creations: Sequence[NewStream]) -> list[dict[str, Any]]:
     """The first owner of each new conversation: its author."""
     return [
@@ -162,22 +147,14 @@ def _owner_rows(creations: Sequence[NewStream]) -> list[dict[str, Any]]:
     ]
 
 
-def _creation_events(new: NewStream) -> list[_Event]:
-    return [
-        (new.conversation_id, new.created_at, new.author, "prompt_submitted",
-         {"stream_id": new.stream_id, "prompt": new.prompt}),
-        (new.conversation_id, new.created_at, new.author, "stream_started",
-         {"stream_id": new.stream_id, "model": new.model}),
-    ]  # fmt: skip
-
-
-async def _append_events(conn: AsyncConnection, events: Sequence[_Event]) -> None:
+async def _append_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
     """Numbers events after each conversation's newest one and stores them."""
     if not events:
         return
     heads: dict[str, int] = {}
     rows = []
-    for conversation_id, at, actor, kind, data in events:
+    for event in events:
+        conversation_id = event.conversation_id
         if conversation_id not in heads:
             newest = await conn.scalar(
                 select(func.max(conversation_events.c.seq)).where(
@@ -190,10 +167,10 @@ async def _append_events(conn: AsyncConnection, events: Sequence[_Event]) -> Non
             {
                 "conversation_id": conversation_id,
                 "seq": heads[conversation_id],
-                "at": at,
-                "actor": actor,
-                "kind": kind,
-                "data": json.dumps(data),
+                "at": event.at,
+                "actor": event.actor,
+                "kind": event.kind,
+                "data": json.dumps(event.data),
             }
         )
     await conn.execute(insert(conversation_events), rows)
@@ -234,7 +211,7 @@ class SqlStreamRepository:
                 await self._create(conn, new)
         except sa_exc.IntegrityError as exc:
             raise AlreadyExists(new.request_id or new.stream_id) from exc
-        return _new_record(new)
+        return new.record()
 
     @classmethod
     async def _create_many(
@@ -273,7 +250,7 @@ class SqlStreamRepository:
                     await conn.execute(insert(members), owners)
                 if valid:
                     await conn.execute(insert(streams), [_stream_row(n) for n in valid])
-                    await _append_events(conn, [e for n in valid for e in _creation_events(n)])
+                    await _append_events(conn, [e for n in valid for e in n.events()])
         except sa_exc.DBAPIError as exc:
             if _is_outage(exc):
                 raise
@@ -283,7 +260,7 @@ class SqlStreamRepository:
                 try:
                     async with conn.begin_nested():
                         await cls._create(conn, new)
-                    outcome[new.stream_id] = _new_record(new)
+                    outcome[new.stream_id] = new.record()
                 except NotFound as missing:
                     outcome[new.stream_id] = missing
                 except sa_exc.IntegrityError:
@@ -293,7 +270,7 @@ class SqlStreamRepository:
                         raise
                     outcome[new.stream_id] = StorageError(f"the store refused it: {refused.orig}")
             return outcome
-        outcome.update((new.stream_id, _new_record(new)) for new in valid)
+        outcome.update((new.stream_id, new.record()) for new in valid)
         return outcome
 
     @classmethod
@@ -309,7 +286,7 @@ class SqlStreamRepository:
         elif not await cls._conversation_exists(conn, new.conversation_id):
             raise NotFound(new.conversation_id)
         await conn.execute(insert(streams).values(**_stream_row(new)))
-        await _append_events(conn, _creation_events(new))
+        await _append_events(conn, new.events())
 
     @_finish_even_if_cancelled
     async def get_stream(self, stream_id: str) -> StreamRecord:
@@ -588,8 +565,9 @@ class SqlStreamRepository:
                         added_at=at,
                     )
                 )
-            event: dict[str, object] = {"user_id": user_id, "role": role.name}
-            await _append_events(conn, [(conversation_id, at, actor, "member_added", event)])
+            await _append_events(
+                conn, [member_added_event(conversation_id, user_id, role, at, actor)]
+            )
             return Member(user_id, role, at)
 
     @_finish_even_if_cancelled
@@ -604,9 +582,8 @@ class SqlStreamRepository:
             )
             if not removed.rowcount:
                 return False
-            event: dict[str, object] = {"user_id": user_id}
-            at = datetime.now(UTC)
-            await _append_events(conn, [(conversation_id, at, actor, "member_removed", event)])
+            event = member_removed_event(conversation_id, user_id, datetime.now(UTC), actor)
+            await _append_events(conn, [event])
             return True
 
     @_finish_even_if_cancelled
@@ -678,7 +655,8 @@ class SqlStreamRepository:
     ) -> None:
         """Ends an active stream and compacts its runs into the stream row."""
         full = join_runs(await self._all_runs(conn, stream_id))
-        await conn.execute(
+        final_seq = full.end_seq if full.ends else -1
+        conversation_id = await conn.scalar(
             update(streams)
             .where(streams.c.stream_id == stream_id)
             .values(
@@ -686,30 +664,18 @@ class SqlStreamRepository:
                 reason=ending.reason,
                 error=ending.error,
                 finished_at=at,
-                final_seq=full.end_seq if full.ends else -1,
+                final_seq=final_seq,
                 text=full.text,
                 token_ends=full.encode_ends(),
                 lease_expires_at=None,
                 **({"request_id": None} if ending.forget_request else {}),
             )
+            .returning(streams.c.conversation_id)
         )
         await conn.execute(delete(token_runs).where(token_runs.c.stream_id == stream_id))
-        conversation_id = str(
-            await conn.scalar(
-                select(streams.c.conversation_id).where(streams.c.stream_id == stream_id)
-            )
-        )
         await _append_events(
-            conn,
-            [
-                (conversation_id, at, None, "stream_ended", {
-                    "stream_id": stream_id,
-                    "state": ending.state.value,
-                    "final_seq": full.end_seq if full.ends else -1,
-                    "reason": ending.reason,
-                }),
-            ],
-        )  # fmt: skip
+            conn, [ending_event(str(conversation_id), stream_id, ending, final_seq, at)]
+        )
 
     @staticmethod
     async def _record(conn: AsyncConnection, row: Any) -> StreamRecord:

@@ -24,12 +24,16 @@ async def guarded(call: Awaitable[T]) -> T:
         ) from exc
 
 
+def stream_not_found(stream_id: str) -> NotFound:
+    return NotFound(
+        f"stream {stream_id} does not exist; stream ids come from SubmitPrompt",
+        reason="STREAM_NOT_FOUND",
+        field="stream_id",
+    )
+
+
 async def get_record(repository: StreamRepository, stream_id: str) -> StreamRecord:
     try:
         return await guarded(repository.get_stream(stream_id))
     except storage_errors.NotFound as exc:
-        raise NotFound(
-            f"stream {stream_id} does not exist; stream ids come from SubmitPrompt",
-            reason="STREAM_NOT_FOUND",
-            field="stream_id",
-        ) from exc
+        raise stream_not_found(stream_id) from exc

@@ -46,7 +46,7 @@ from tokenstream.server.storage.repository import (
     StreamRepository,
     WriteBatch,
 )
-from tokenstream.server.streams._store import get_record, guarded
+from tokenstream.server.streams._store import get_record, guarded, stream_not_found
 from tokenstream.server.streams.events import (
     EventBatch,
     StreamEvent,
@@ -351,7 +351,7 @@ class StreamEngine:
             if record.state.is_terminal:
                 return record
             return await self._cancel_in_store(stream_id)
-        self._generations.request_stop(live, CANCELLED)
+        live.request_stop(CANCELLED)
         return await live.wait_ended()
 
     async def _cancel_in_store(self, stream_id: str) -> StreamRecord:
@@ -536,11 +536,7 @@ class StreamEngine:
         try:
             return await self._require(record.conversation_id, user, Role.VIEWER)
         except NotFound:
-            raise NotFound(
-                f"stream {record.stream_id} does not exist; stream ids come from SubmitPrompt",
-                reason="STREAM_NOT_FOUND",
-                field="stream_id",
-            ) from None
+            raise stream_not_found(record.stream_id) from None
 
     def _page_size(self, page_size: int) -> int:
         settings = self.settings

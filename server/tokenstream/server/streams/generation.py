@@ -55,11 +55,6 @@ class Generations:
             self._watchdog = asyncio.create_task(self._watch(), name="tokenstream-stall-watchdog")
         return live
 
-    @staticmethod
-    def request_stop(live: LiveStream, ending: Ending) -> None:
-        """Stops the generation before its next token (interrupting a wait for one)."""
-        live.request_stop(ending)
-
     async def drain(self, grace: float) -> None:
         """Waits up to `grace` seconds for the running generations to finish by themselves."""
         if self._tasks and grace > 0:
@@ -69,7 +64,7 @@ class Generations:
         """Stops every generation with `ending` and waits until each has ended."""
         while self._tasks:
             for live in list(self.live.values()):
-                self.request_stop(live, ending)
+                live.request_stop(ending)
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -99,8 +94,7 @@ class Generations:
                     and now - live.last_progress > self._stall_timeout
                 ):
                     log.warning("model stalled on stream %s; ending it", live.stream_id)
-                    self.request_stop(
-                        live,
+                    live.request_stop(
                         Ending(
                             StreamState.FAILED,
                             EndReason.TIMEOUT,

@@ -201,9 +201,13 @@ class BatchWriter:
             self._requeue(batch)
 
     def _fail(self, creations: Creations, error: BaseException) -> None:
-        for new, _created in creations:
+        """Tells the creations' callers UNAVAILABLE: whether they landed is unknown, and
+        their retries (same request_id) find the stream if it exists."""
+        for new, created in creations:
             self._creation_tries.pop(new.stream_id, None)
-        _fail(creations, error)
+            if not created.done():
+                unavailable = StorageUnavailable(f"the stream could not be created: {error!r}")
+                created.set_exception(unavailable)
 
     def _commit_timeout(self) -> float | None:
         """No limit normally; once stopping, what is left of the deadline (at least 0.5 s)."""
@@ -380,10 +384,3 @@ def _settle(creations: Creations, result: CommitResult) -> None:
             created.set_result(outcome)
         else:
             created.set_exception(outcome or StorageError(f"{new.stream_id} was not created"))
-
-
-def _fail(creations: Creations, error: BaseException) -> None:
-    for _new, created in creations:
-        if not created.done():
-            unavailable = StorageUnavailable(f"the stream could not be created: {error!r}")
-            created.set_exception(unavailable)

@@ -16,9 +16,11 @@ from tests.e2e.conftest import ServerProcess, free_port
 from tests.e2e.tcp_proxy import TcpProxy
 from tokenstream.client import (
     Chunk,
+    ConversationEvent,
     Reconnect,
     RetryPolicy,
     StreamEnd,
+    StreamTokens,
     TokenStreamClient,
 )
 from tokenstream.server.models.synthetic import synthetic_tokens
@@ -176,3 +178,51 @@ async def test_stream_fails_over_to_the_other_address(
     assert collector.text == stored
     assert end == stored_end
     assert (end.state, end.reason) == ("FAILED", "interrupted")
+
+
+async def test_watch_with_tokens_survives_connections_cut_at_random_points(
+    start_server: ServerFactory,
+) -> None:
+    server = await start_server(token_rate=400.0)
+    proxy = TcpProxy(server.server.port)
+    await proxy.start()
+    rng = random.Random(11)
+    cuts = 0
+
+    async def cut_now_and_then() -> None:
+        nonlocal cuts
+        while True:
+            await asyncio.sleep(rng.uniform(0.15, 0.4))
+            proxy.cut()
+            cuts += 1
+
+    events: list[ConversationEvent] = []
+    texts: dict[str, str] = {}
+    reconnects: list[Reconnect] = []
+    async with TokenStreamClient(server.target) as direct:
+        first = await direct.submit("first of two", max_tokens=600)
+        second = await direct.submit(
+            "second of two", conversation_id=first.conversation_id, max_tokens=600
+        )
+    cutter = asyncio.create_task(cut_now_and_then())
+    try:
+        async with TokenStreamClient(
+            f"127.0.0.1:{proxy.port}", retry=QUICK_RETRY, on_reconnect=reconnects.append
+        ) as client:
+            async for item in client.watch(first.conversation_id, include_tokens=True):
+                if isinstance(item, StreamTokens):
+                    texts[item.stream_id] = texts.get(item.stream_id, "") + item.chunk.text
+                    continue
+                events.append(item)
+                if sum(e.kind == "stream_ended" for e in events) == 2:
+                    break
+    finally:
+        cutter.cancel()
+        await proxy.stop()
+    assert cuts >= 4
+    assert len(reconnects) >= 3
+    assert [e.seq for e in events] == list(range(6))  # no gap, no duplicate
+    for sub, prompt in ((first, "first of two"), (second, "second of two")):
+        stored, end = await stored_text(server.target, sub.stream_id)
+        assert end.state == "COMPLETED"
+        assert texts[sub.stream_id] == stored == "".join(synthetic_tokens(prompt, 600))

@@ -190,3 +190,242 @@ async def test_a_late_device_joins_from_a_snapshot_without_a_gap(
         )
         assert [e.seq for e in live] == [3, 4, 5]
         assert live[0].prompt_submitted.prompt == "after"
+
+
+# -- include_tokens: one watch mirrors the chat ------------------------------------------
+
+
+class Mirror:
+    """What one device saw through a watch with include_tokens, in arrival order."""
+
+    def __init__(self) -> None:
+        self.timeline: list[tuple[str, str]] = []  # (what, stream id), e.g. ("tokens", s)
+        self.events: list[pb.ConversationEvent] = []
+        self.text: dict[str, str] = {}
+        self.next_seq: dict[str, int] = {}
+        self.token_messages = 0
+
+    @property
+    def next_event_seq(self) -> int:
+        return self.events[-1].seq + 1 if self.events else 0
+
+    def take(self, message: pb.WatchConversationResponse) -> None:
+        if message.HasField("tokens"):
+            stream_id, chunk = message.tokens.stream_id, message.tokens.chunk
+            # Chunks of a stream are consecutive: no gap, no duplicate.
+            assert chunk.start_seq == self.next_seq.get(stream_id, 0), (stream_id, chunk)
+            assert chunk.end_seq >= chunk.start_seq
+            self.text[stream_id] = self.text.get(stream_id, "") + chunk.text
+            self.next_seq[stream_id] = chunk.end_seq + 1
+            self.timeline.append(("tokens", stream_id))
+            self.token_messages += 1
+        for event in message.events.events:
+            assert event.seq == self.next_event_seq
+            self.events.append(event)
+            kind = str(event.WhichOneof("kind"))
+            self.timeline.append((kind, getattr(getattr(event, kind), "stream_id", "")))
+
+
+async def mirror(
+    stub: TokenStreamServiceAsyncStub,
+    user: str,
+    conversation_id: str,
+    into: Mirror,
+    *,
+    until_ended: int = 1,
+    until_tokens: int | None = None,
+) -> Mirror:
+    """Watches with include_tokens, resuming where `into` stands, until `until_ended` streams
+    ended (or `until_tokens` token messages arrived in this call)."""
+    call = stub.WatchConversation(
+        pb.WatchConversationRequest(
+            conversation_id=conversation_id,
+            from_event_seq=into.next_event_seq,
+            include_tokens=True,
+            from_seq_by_stream=into.next_seq,
+        ),
+        metadata=auth(user),
+    )
+    received = 0
+    async for message in call:
+        into.take(message)
+        received += message.HasField("tokens")
+        ended = sum(kind == "stream_ended" for kind, _ in into.timeline)
+        if ended >= until_ended or (until_tokens is not None and received >= until_tokens):
+            call.cancel()
+            return into
+    raise AssertionError("the watch ended by itself")
+
+
+def assert_tokens_between_start_and_end(seen: Mirror, stream_id: str) -> None:
+    whats = [what for what, s in seen.timeline if s == stream_id]
+    assert whats[0] == "prompt_submitted", whats
+    assert whats[-1] == "stream_ended", whats
+    assert whats.count("stream_ended") == 1
+    assert "tokens" in whats
+
+
+async def stored(stub: TokenStreamServiceAsyncStub, stream_id: str) -> pb.Turn:
+    """The stream's turn as history has it (with the stored response text)."""
+    found = await stub.GetStream(pb.GetStreamRequest(stream_id=stream_id), metadata=auth("alice"))
+    history = await stub.GetHistory(
+        pb.GetHistoryRequest(conversation_id=found.conversation_id), metadata=auth("alice")
+    )
+    (turn,) = [t for t in history.turns if t.stream_id == stream_id]
+    return turn
+
+
+async def test_with_tokens_two_users_three_devices_mirror_the_chat(
+    server: TokenStreamServer,
+) -> None:
+    async with (
+        grpc.aio.insecure_channel(server.address) as device1,
+        grpc.aio.insecure_channel(server.address) as device2,
+        grpc.aio.insecure_channel(server.address) as bobs_phone,
+    ):
+        a1 = pb_grpc.TokenStreamServiceStub(device1)
+        a2 = pb_grpc.TokenStreamServiceStub(device2)
+        b = pb_grpc.TokenStreamServiceStub(bobs_phone)
+        created = await a1.CreateConversation(
+            pb.CreateConversationRequest(), metadata=auth("alice")
+        )
+        conversation = created.conversation.conversation_id
+        await a1.AddMember(
+            pb.AddMemberRequest(conversation_id=conversation, user_id="bob", role=pb.ROLE_VIEWER),
+            metadata=auth("alice"),
+        )
+        watchers = [
+            asyncio.create_task(mirror(a2, "alice", conversation, Mirror())),
+            asyncio.create_task(mirror(b, "bob", conversation, Mirror())),
+        ]
+        await asyncio.sleep(0.3)
+        submitted = await a1.SubmitPrompt(
+            pb.SubmitPromptRequest(conversation_id=conversation, prompt="hi", max_tokens=40),
+            metadata=auth("alice"),
+        )
+        sid = submitted.stream_id
+        mirrors = await asyncio.gather(*watchers)
+        turn = await stored(a1, sid)
+        for seen in mirrors:
+            assert [what for what, _ in seen.timeline if what != "tokens"] == [
+                "member_added",
+                "prompt_submitted",
+                "stream_started",
+                "stream_ended",
+            ]
+            assert_tokens_between_start_and_end(seen, sid)
+            assert seen.text[sid] == turn.response
+            assert seen.next_seq[sid] == turn.head_seq + 1 == 40
+            # Delivered as generated (40 tokens at 100/s), not all at the end.
+            assert seen.token_messages >= 3
+
+
+async def test_with_tokens_a_watcher_that_reconnects_mid_stream_misses_nothing(
+    server: TokenStreamServer,
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TokenStreamServiceStub(channel)
+        first = await stub.SubmitPrompt(
+            pb.SubmitPromptRequest(prompt="one", model="echo"), metadata=auth("alice")
+        )
+        conversation = first.conversation_id
+        seen = await mirror(stub, "alice", conversation, Mirror())
+        second = await stub.SubmitPrompt(
+            pb.SubmitPromptRequest(conversation_id=conversation, prompt="two", max_tokens=60),
+            metadata=auth("alice"),
+        )
+        # Drops twice in the middle of the second stream, resuming from what it holds.
+        for _ in range(2):
+            await mirror(stub, "alice", conversation, seen, until_ended=2, until_tokens=2)
+            assert 0 < seen.next_seq[second.stream_id] < 60
+        await mirror(stub, "alice", conversation, seen, until_ended=2)
+        for stream_id in (first.stream_id, second.stream_id):
+            turn = await stored(stub, stream_id)
+            assert seen.text[stream_id] == turn.response
+            assert_tokens_between_start_and_end(seen, stream_id)
+        assert [e.seq for e in seen.events] == list(range(6))
+
+
+async def test_with_tokens_a_late_device_gets_the_running_stream_whole(
+    server: TokenStreamServer,
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TokenStreamServiceStub(channel)
+        running = await stub.SubmitPrompt(
+            pb.SubmitPromptRequest(prompt="long", max_tokens=80), metadata=auth("alice")
+        )
+        conversation = running.conversation_id
+        await asyncio.sleep(0.2)  # some tokens are out before the device shows up
+        snapshot = await stub.GetHistory(
+            pb.GetHistoryRequest(conversation_id=conversation), metadata=auth("alice")
+        )
+        (turn,) = snapshot.turns
+        assert turn.state == pb.STREAM_STATE_RUNNING
+        assert turn.head_seq >= 0
+        # The device shows the snapshot's partial text and asks for the rest after it.
+        late = Mirror()
+        late.events = []
+        late.next_seq = {running.stream_id: turn.head_seq + 1}
+        late.text = {running.stream_id: turn.response}
+        call = stub.WatchConversation(
+            pb.WatchConversationRequest(
+                conversation_id=conversation,
+                from_event_seq=snapshot.head_event_seq + 1,
+                include_tokens=True,
+                from_seq_by_stream=late.next_seq,
+            ),
+            metadata=auth("alice"),
+        )
+        async for message in call:
+            for event in message.events.events:  # numbered on from the snapshot
+                assert event.seq == snapshot.head_event_seq + 1 + len(late.events)
+                late.events.append(event)
+            if message.HasField("tokens"):
+                late.take(message)
+            if any(e.HasField("stream_ended") for e in late.events):
+                call.cancel()
+                break
+        final = await stored(stub, running.stream_id)
+        assert late.text[running.stream_id] == final.response
+        assert late.next_seq[running.stream_id] == final.head_seq + 1 == 80
+
+
+async def test_without_tokens_no_tokens_are_sent(server: TokenStreamServer) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TokenStreamServiceStub(channel)
+        first = await stub.SubmitPrompt(
+            pb.SubmitPromptRequest(prompt="quiet", max_tokens=10), metadata=auth("alice")
+        )
+        call = stub.WatchConversation(
+            pb.WatchConversationRequest(conversation_id=first.conversation_id),
+            metadata=auth("alice"),
+        )
+        kinds_seen = []
+        async for message in call:
+            kinds_seen.append(message.WhichOneof("message"))
+            if any(e.HasField("stream_ended") for e in message.events.events):
+                call.cancel()
+                break
+        assert "tokens" not in kinds_seen
+        assert "events" in kinds_seen
+
+
+async def test_a_bad_resume_position_is_invalid_argument(server: TokenStreamServer) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TokenStreamServiceStub(channel)
+        first = await stub.SubmitPrompt(
+            pb.SubmitPromptRequest(prompt="x", model="echo"), metadata=auth("alice")
+        )
+        for resume in ({"not-a-stream": 0}, {first.stream_id: -1}):
+            call = stub.WatchConversation(
+                pb.WatchConversationRequest(
+                    conversation_id=first.conversation_id,
+                    include_tokens=True,
+                    from_seq_by_stream=resume,
+                ),
+                metadata=auth("alice"),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "from_seq_by_stream" in (info.value.details() or "")

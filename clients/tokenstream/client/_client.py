@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import Message
 
 from tokenstream.client._endpoints import ConnectionOptions, Endpoints
 from tokenstream.client._errors import RetriesExhausted, TokenStreamClientError
@@ -21,15 +23,23 @@ from tokenstream.client._types import (
     CancelResult,
     Chunk,
     Conversation,
+    ConversationEvent,
     Member,
     Reconnect,
     StreamEnd,
     StreamInfo,
+    StreamTokens,
     Submitted,
     Turn,
     state_name,
 )
 from tokenstream.v1 import tokenstream_pb2 as pb
+
+if TYPE_CHECKING:
+    from tokenstream.v1.tokenstream_pb2_grpc import TokenStreamServiceAsyncStub
+
+# A server-streaming call in progress (Subscribe or WatchConversation).
+_Call = grpc.aio.UnaryStreamCall[Any, Any]
 
 # Errors whose code is retryable but whose cause a retry cannot remove.
 TERMINAL_REASONS = frozenset({"TOO_MANY_GENERATIONS_FOR_CALLER", "REQUEST_ID_REUSED"})
@@ -196,13 +206,82 @@ class TokenStreamClient:
         keeps failing, and `TokenStreamClientError` for errors a retry cannot fix.
         """
         next_seq = from_seq
+
+        def subscribe(stub: TokenStreamServiceAsyncStub) -> _Call:
+            request = pb.SubscribeRequest(stream_id=stream_id, from_seq=next_seq)
+            return stub.Subscribe(request, metadata=self._metadata)
+
+        messages = self._resuming(subscribe, lambda: next_seq)
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                assert isinstance(message, pb.SubscribeResponse)
+                kind = message.WhichOneof("event")
+                if kind == "chunk":
+                    next_seq = _checked_chunk(message.chunk, next_seq)
+                    chunk = message.chunk
+                    yield Chunk(chunk.start_seq, chunk.end_seq, chunk.text)
+                elif kind == "end":
+                    yield _checked_end(message.end, next_seq)
+                    return
+
+    async def watch(
+        self,
+        conversation_id: str,
+        from_event_seq: int = 0,
+        *,
+        include_tokens: bool = False,
+        from_seq_by_stream: Mapping[str, int] | None = None,
+    ) -> AsyncGenerator[ConversationEvent | StreamTokens, None]:
+        """Yields what happens in a conversation from `from_event_seq` on, without end.
+
+        With `include_tokens`, also the token chunks of its streams: a stream's chunks come
+        after its `prompt_submitted` event and before its `stream_ended` event. Resumes by
+        itself like `stream()`: after a failure it watches on from the next event seq and,
+        for each stream, from the next token seq, so nothing is missed or repeated.
+        `from_seq_by_stream` says where to start streams whose tokens the caller already
+        holds (e.g. from a GetHistory snapshot); the others start at seq 0.
+        """
+        next_event = from_event_seq
+        next_seq = dict(from_seq_by_stream or {})
+
+        def watch(stub: TokenStreamServiceAsyncStub) -> _Call:
+            request = pb.WatchConversationRequest(
+                conversation_id=conversation_id,
+                from_event_seq=next_event,
+                include_tokens=include_tokens,
+                from_seq_by_stream=next_seq,
+            )
+            return stub.WatchConversation(request, metadata=self._metadata)
+
+        messages = self._resuming(watch, lambda: next_event)
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                assert isinstance(message, pb.WatchConversationResponse)
+                if message.HasField("tokens"):
+                    stream_id, chunk = message.tokens.stream_id, message.tokens.chunk
+                    next_seq[stream_id] = _checked_chunk(chunk, next_seq.get(stream_id, 0))
+                    yield StreamTokens(stream_id, Chunk(chunk.start_seq, chunk.end_seq, chunk.text))
+                for event in message.events.events:
+                    if event.seq != next_event:
+                        raise TokenStreamClientError(
+                            grpc.StatusCode.DATA_LOSS,
+                            f"expected event seq {next_event}, got {event.seq}",
+                        )
+                    next_event = event.seq + 1
+                    if event.HasField("stream_ended"):
+                        next_seq.pop(event.stream_ended.stream_id, None)  # done with it
+                    yield ConversationEvent.from_proto(event)
+
+    async def _resuming(
+        self, start: Callable[[TokenStreamServiceAsyncStub], _Call], position: Callable[[], int]
+    ) -> AsyncGenerator[Message, None]:
+        """Messages of a server-streaming call, restarted by `start` (from wherever the caller
+        stands then) after a retryable failure or silence, on the next replica if several
+        were given. Any message but a heartbeat is progress and renews the retry budget."""
         attempt = 0
         index = self._endpoints.preferred
         while True:
-            call = self._endpoints.stub(index).Subscribe(
-                pb.SubscribeRequest(stream_id=stream_id, from_seq=next_seq),
-                metadata=self._metadata,
-            )
+            call = start(self._endpoints.stub(index))
             try:
                 while True:
                     try:
@@ -215,22 +294,11 @@ class TokenStreamClient:
                         ) from None
                     if message is grpc.aio.EOF:
                         raise _Silent("the server closed the stream without its end")
-                    assert isinstance(message, pb.SubscribeResponse)
+                    assert isinstance(message, Message)
                     self._endpoints.preferred = index
-                    kind = message.WhichOneof("event")
-                    if kind == "chunk":
-                        chunk = message.chunk
-                        if chunk.start_seq != next_seq or chunk.end_seq < chunk.start_seq:
-                            raise TokenStreamClientError(
-                                grpc.StatusCode.DATA_LOSS,
-                                f"expected seq {next_seq}, got {chunk.start_seq}..{chunk.end_seq}",
-                            )
-                        next_seq = chunk.end_seq + 1
-                        attempt = 0  # progress: the retry budget starts over
-                        yield Chunk(chunk.start_seq, chunk.end_seq, chunk.text)
-                    elif kind == "end":
-                        yield _checked_end(message.end, next_seq)
-                        return
+                    if not message.HasField("heartbeat"):
+                        attempt = 0
+                    yield message
             except grpc.aio.AioRpcError as rpc_error:
                 error = TokenStreamClientError.from_rpc_error(rpc_error)
                 if not _retryable(error, reads=True):
@@ -243,7 +311,7 @@ class TokenStreamClient:
                 call.cancel()
             attempt += 1
             index = self._endpoints.after(index)
-            await self._before_retry(attempt, error, cause, index, next_seq)
+            await self._before_retry(attempt, error, cause, index, position())
 
     # -- retries ---------------------------------------------------------------------------
 
@@ -292,6 +360,16 @@ def _retryable(error: TokenStreamClientError, *, reads: bool) -> bool:
         # retry (the server's own errors carry ErrorInfo and are not these).
         return not error.reason
     return error.code in RETRYABLE_CODES
+
+
+def _checked_chunk(chunk: pb.TokenChunk, next_seq: int) -> int:
+    """The seq after `chunk`, which must start at `next_seq`."""
+    if chunk.start_seq != next_seq or chunk.end_seq < chunk.start_seq:
+        raise TokenStreamClientError(
+            grpc.StatusCode.DATA_LOSS,
+            f"expected seq {next_seq}, got {chunk.start_seq}..{chunk.end_seq}",
+        )
+    return chunk.end_seq + 1
 
 
 def _checked_end(end: pb.StreamEnd, next_seq: int) -> StreamEnd:

@@ -9,7 +9,16 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from tokenstream.client._client import DEFAULT_TARGET, TokenStreamClient
-from tokenstream.client._types import CancelResult, Chunk, StreamEnd, StreamInfo, Submitted, Turn
+from tokenstream.client._types import (
+    CancelResult,
+    Chunk,
+    ConversationEvent,
+    StreamEnd,
+    StreamInfo,
+    StreamTokens,
+    Submitted,
+    Turn,
+)
 
 T = TypeVar("T")
 
@@ -23,7 +32,7 @@ class TokenStreamSyncClient:
     def __init__(self, targets: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         self._client = TokenStreamClient(targets, **kwargs)
         self._loop = asyncio.new_event_loop()
-        self._streams: set[AsyncGenerator[Chunk | StreamEnd, None]] = set()
+        self._streams: set[AsyncGenerator[Any, None]] = set()
 
     def __enter__(self) -> TokenStreamSyncClient:
         return self
@@ -62,7 +71,14 @@ class TokenStreamSyncClient:
         return self._run(collect())
 
     def stream(self, stream_id: str, from_seq: int = 0) -> Iterator[Chunk | StreamEnd]:
-        items = self._client.stream(stream_id, from_seq)
+        return self._iterate(self._client.stream(stream_id, from_seq))
+
+    def watch(
+        self, conversation_id: str, from_event_seq: int = 0, **kwargs: Any
+    ) -> Iterator[ConversationEvent | StreamTokens]:
+        return self._iterate(self._client.watch(conversation_id, from_event_seq, **kwargs))
+
+    def _iterate(self, items: AsyncGenerator[T, None]) -> Iterator[T]:
         self._streams.add(items)
         try:
             while True:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from tokenstream.v1 import tokenstream_pb2 as pb
@@ -122,3 +122,59 @@ class Conversation:
             conversation.created_at.ToDatetime(tzinfo=UTC),
             tuple(Member.from_proto(m) for m in conversation.members),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationEvent:
+    """Something that happened in a conversation, as `watch()` yields it.
+
+    `kind` is prompt_submitted, stream_started, stream_ended, member_added or member_removed;
+    the fields that do not apply to it keep their defaults.
+    """
+
+    seq: int
+    at: datetime
+    actor: str
+    kind: str
+    stream_id: str = ""
+    prompt: str = ""  # prompt_submitted
+    model: str = ""  # stream_started
+    state: str = ""  # stream_ended: COMPLETED, CANCELLED or FAILED
+    final_seq: int = -1  # stream_ended
+    reason: str = ""  # stream_ended, for FAILED
+    user_id: str = ""  # member_added, member_removed
+    role: str = ""  # member_added
+
+    @classmethod
+    def from_proto(cls, event: pb.ConversationEvent) -> ConversationEvent:
+        kind = str(event.WhichOneof("kind"))
+        base = cls(event.seq, event.time.ToDatetime(tzinfo=UTC), event.actor, kind)
+        if kind == "prompt_submitted":
+            submitted = event.prompt_submitted
+            return replace(base, stream_id=submitted.stream_id, prompt=submitted.prompt)
+        if kind == "stream_started":
+            started = event.stream_started
+            return replace(base, stream_id=started.stream_id, model=started.model)
+        if kind == "stream_ended":
+            ended = event.stream_ended
+            return replace(
+                base,
+                stream_id=ended.stream_id,
+                state=state_name(ended.state),
+                final_seq=ended.final_seq,
+                reason=ended.reason,
+            )
+        if kind == "member_added":
+            added = event.member_added
+            return replace(base, user_id=added.user_id, role=role_name(added.role))
+        if kind == "member_removed":
+            return replace(base, user_id=event.member_removed.user_id)
+        return base  # a kind newer than this client: seq and time still count
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTokens:
+    """Tokens of one stream of a watched conversation (`watch(include_tokens=True)`)."""
+
+    stream_id: str
+    chunk: Chunk

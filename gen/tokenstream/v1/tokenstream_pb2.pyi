@@ -861,23 +861,58 @@ class WatchConversationRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FromSeqByStreamEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     FROM_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    INCLUDE_TOKENS_FIELD_NUMBER: _builtins.int
+    FROM_SEQ_BY_STREAM_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     """The conversation to watch."""
     from_event_seq: _builtins.int
     """The first event seq wanted (events are numbered from 0 per conversation). A seq past
     the newest event waits for it.
     """
+    include_tokens: _builtins.bool
+    """Also send the token chunks of the conversation's streams (see StreamTokens), so one
+    watch mirrors the whole chat. A stream's tokens come after its `prompt_submitted`
+    event and before its `stream_ended` event.
+    """
+    @_builtins.property
+    def from_seq_by_stream(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """With include_tokens: for streams whose tokens the watcher already holds, the first seq
+        it wants (last end_seq + 1). Streams not listed are sent from seq 0.
+        """
+
     def __init__(
         self,
         *,
         conversation_id: _builtins.str = ...,
         from_event_seq: _builtins.int = ...,
+        include_tokens: _builtins.bool = ...,
+        from_seq_by_stream: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "from_event_seq", b"from_event_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "from_event_seq", b"from_event_seq", "from_seq_by_stream", b"from_seq_by_stream", "include_tokens", b"include_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -891,6 +926,7 @@ class WatchConversationResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def events(self) -> Global___ConversationEvents:
         """Consecutive events, in order (all the missed ones at once when catching up)."""
@@ -899,21 +935,54 @@ class WatchConversationResponse(_message.Message):
     def heartbeat(self) -> Global___ConversationHeartbeat:
         """Sent when nothing else was sent for a while."""
 
+    @_builtins.property
+    def tokens(self) -> Global___StreamTokens:
+        """Tokens of one of the conversation's streams (only with include_tokens)."""
+
     def __init__(
         self,
         *,
         events: Global___ConversationEvents | None = ...,
         heartbeat: Global___ConversationHeartbeat | None = ...,
+        tokens: Global___StreamTokens | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "message", b"message", "tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "message", b"message", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["events", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["events", "heartbeat", "tokens"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___WatchConversationResponse: _TypeAlias = WatchConversationResponse  # noqa: Y015
+
+@_typing.final
+class StreamTokens(_message.Message):
+    """Consecutive tokens of one stream of a watched conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """The stream."""
+    @_builtins.property
+    def chunk(self) -> Global___TokenChunk:
+        """Its tokens `chunk.start_seq..chunk.end_seq`."""
+
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        chunk: Global___TokenChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamTokens: _TypeAlias = StreamTokens  # noqa: Y015
 
 @_typing.final
 class ConversationEvents(_message.Message):

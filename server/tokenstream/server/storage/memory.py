@@ -225,6 +225,13 @@ class MemoryStreamRepository:
             self._conversation_cursor[conversation_id],
         )
 
+    async def active_streams(self, conversation_id: str) -> list[str]:
+        return [
+            sid
+            for sid, s in self._streams.items()
+            if s.record.conversation_id == conversation_id and not s.record.state.is_terminal
+        ]
+
     async def role_of(self, conversation_id: str, user_id: str) -> Role | None:
         member = self._members.get(conversation_id, {}).get(user_id)
         return None if member is None else member.role

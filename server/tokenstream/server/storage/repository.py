@@ -180,6 +180,10 @@ class StreamRepository(Protocol):
         as of the same read. Raises NotFound for no conversation."""
         ...
 
+    async def active_streams(self, conversation_id: str) -> list[str]:
+        """Ids of the conversation's PENDING/RUNNING streams, oldest first."""
+        ...
+
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
         """Ends every PENDING/RUNNING stream (crash recovery); returns their ids."""
         ...

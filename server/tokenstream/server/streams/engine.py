@@ -7,19 +7,17 @@ errors are the domain errors of `tokenstream.server.errors`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from tokenstream.server import ids
 from tokenstream.server.domain import (
     Conversation,
-    ConversationEvent,
     Ending,
     EndReason,
     Member,
@@ -46,18 +44,22 @@ from tokenstream.server.storage.repository import (
     StreamRepository,
     WriteBatch,
 )
-from tokenstream.server.streams._store import get_record, guarded, stream_not_found
+from tokenstream.server.streams._store import (
+    conversation_not_found,
+    get_record,
+    guarded,
+    stream_not_found,
+)
 from tokenstream.server.streams.events import (
-    EventBatch,
     StreamEvent,
     WatchEvent,
-    WatchHeartbeat,
 )
 from tokenstream.server.streams.generation import CANCELLED, SHUTDOWN, Generations
 from tokenstream.server.streams.leases import INTERRUPTED, LeaseKeeper
 from tokenstream.server.streams.pagination import decode_page_token, encode_page_token
 from tokenstream.server.streams.settings import EngineSettings
 from tokenstream.server.streams.subscription import Subscription
+from tokenstream.server.streams.watch import ConversationWatch, read_events
 from tokenstream.server.streams.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -379,7 +381,7 @@ class StreamEngine:
         try:
             found = await guarded(self._repository.list_turns(conversation_id, after, limit + 1))
         except storage_errors.NotFound as exc:
-            raise _conversation_not_found(conversation_id) from exc
+            raise conversation_not_found(conversation_id) from exc
         turns, head = found.turns, found.head_event_seq
         if len(turns) > limit:
             turns = turns[:limit]
@@ -453,7 +455,7 @@ class StreamEngine:
         try:
             return await guarded(self._repository.get_conversation(conversation_id))
         except storage_errors.NotFound as exc:
-            raise _conversation_not_found(conversation_id) from exc
+            raise conversation_not_found(conversation_id) from exc
 
     async def list_conversations(
         self, user: str | None, page_size: int, page_token: str
@@ -486,7 +488,7 @@ class StreamEngine:
             self._note_commit()
             return added
         except storage_errors.NotFound as exc:
-            raise _conversation_not_found(conversation_id) from exc
+            raise conversation_not_found(conversation_id) from exc
 
     async def remove_member(self, conversation_id: str, member: str, user: str | None) -> None:
         """Owners remove anyone; anyone may leave. The last owner cannot go."""
@@ -520,7 +522,7 @@ class StreamEngine:
             return Role.OWNER
         role = await guarded(self._repository.role_of(conversation_id, user))
         if role is None:
-            raise _conversation_not_found(conversation_id)
+            raise conversation_not_found(conversation_id)
         if not role.allows(needed):
             raise PermissionDenied(
                 f"your role in conversation {conversation_id} is {role.name.lower()}; this "
@@ -552,10 +554,17 @@ class StreamEngine:
     # -- conversation events --------------------------------------------------------------
 
     async def watch(
-        self, conversation_id: str, from_event_seq: int, user: str | None
+        self,
+        conversation_id: str,
+        from_event_seq: int,
+        user: str | None,
+        *,
+        include_tokens: bool = False,
+        from_seq_by_stream: Mapping[str, int] | None = None,
     ) -> AsyncGenerator[WatchEvent, None]:
         """Validates the request, then returns the conversation's events from
-        `from_event_seq` on: what was missed as one batch, then each commit's events."""
+        `from_event_seq` on (what was missed as one batch, then each commit's events), and
+        with `include_tokens` the token chunks of its streams."""
         ids.check_conversation_id(conversation_id)
         if from_event_seq < 0:
             raise InvalidArgument(
@@ -563,41 +572,30 @@ class StreamEngine:
                 reason="NEGATIVE_FROM_SEQ",
                 field="from_event_seq",
             )
+        resume_at = dict(from_seq_by_stream or {})
+        for stream_id, seq in resume_at.items():
+            ids.check_stream_id(stream_id, field="from_seq_by_stream")
+            if seq < 0:
+                raise InvalidArgument(
+                    f"from_seq_by_stream[{stream_id}] is {seq}; it must be 0 or the last "
+                    "end_seq received plus 1",
+                    reason="NEGATIVE_FROM_SEQ",
+                    field="from_seq_by_stream",
+                )
         await self._require(conversation_id, user, Role.VIEWER)
-        await self._read_events(conversation_id, from_event_seq)  # NOT_FOUND before the first
-        return self._watch(conversation_id, from_event_seq, user)
-
-    async def _watch(
-        self, conversation_id: str, seq: int, user: str | None
-    ) -> AsyncGenerator[WatchEvent, None]:
-        loop = asyncio.get_running_loop()
-        settings = self.settings
-        last_sent = loop.time()
-        while True:
-            committed = self._committed  # taken before reading, so no commit is missed
-            events, head = await self._read_events(conversation_id, seq)
-            if events:
-                yield EventBatch(events)
-                seq = events[-1].seq + 1
-                last_sent = loop.time()
-                continue
-            if loop.time() - last_sent >= settings.heartbeat_interval:
-                yield WatchHeartbeat(head, _now())
-                last_sent = loop.time()
-                await self._require(conversation_id, user, Role.VIEWER)  # still a member?
-            quiet_left = settings.heartbeat_interval - (loop.time() - last_sent)
-            # Commits here wake us at once; another replica's are found by polling.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(quiet_left, settings.store_poll_interval)):
-                    await committed.wait()
-
-    async def _read_events(
-        self, conversation_id: str, from_seq: int
-    ) -> tuple[list[ConversationEvent], int]:
-        try:
-            return await guarded(self._repository.read_events(conversation_id, from_seq, 1000))
-        except storage_errors.NotFound as exc:
-            raise _conversation_not_found(conversation_id) from exc
+        await read_events(self._repository, conversation_id, from_event_seq)  # NOT_FOUND now
+        watch = ConversationWatch(
+            self._repository,
+            self._generations,
+            self.settings,
+            conversation_id,
+            from_event_seq,
+            include_tokens=include_tokens,
+            from_seq_by_stream=resume_at,
+            committed=lambda: self._committed,
+            check_access=lambda: self._require(conversation_id, user, Role.VIEWER),
+        )
+        return watch.events()
 
     def _note_commit(self) -> None:
         self._committed.set()
@@ -634,15 +632,6 @@ _UNSTARTED = Ending(
     "the server shut down before this stream started; submit it again",
     forget_request=True,
 )
-
-
-def _conversation_not_found(conversation_id: str) -> NotFound:
-    return NotFound(
-        f"conversation {conversation_id} does not exist; conversation ids come from "
-        "SubmitPrompt or CreateConversation",
-        reason="CONVERSATION_NOT_FOUND",
-        field="conversation_id",
-    )
 
 
 def _check_user_id(user_id: str) -> None:

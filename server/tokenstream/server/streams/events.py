@@ -43,4 +43,12 @@ class WatchHeartbeat:
     at: datetime
 
 
-WatchEvent = EventBatch | WatchHeartbeat
+@dataclass(frozen=True, slots=True)
+class StreamTokens:
+    """Tokens of one stream of a watched conversation."""
+
+    stream_id: str
+    chunk: Chunk
+
+
+WatchEvent = EventBatch | WatchHeartbeat | StreamTokens

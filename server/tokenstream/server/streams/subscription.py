@@ -7,11 +7,9 @@ import contextlib
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 
-from tokenstream.server.domain import StreamState, join_runs
-from tokenstream.server.errors import NotFound
-from tokenstream.server.storage import errors as storage_errors
+from tokenstream.server.domain import StreamState
 from tokenstream.server.storage.repository import StreamRepository
-from tokenstream.server.streams._store import get_record, guarded
+from tokenstream.server.streams._store import get_record, stored_chunks
 from tokenstream.server.streams.events import End, Heartbeat, StreamEvent
 from tokenstream.server.streams.generation import Generations
 from tokenstream.server.streams.live import LiveStream
@@ -67,17 +65,10 @@ class Subscription:
 
     async def _from_store(self) -> AsyncGenerator[StreamEvent, None]:
         """Stored tokens from the current position on (stored means committed: all safe)."""
-        max_chars = self._settings.max_chunk_chars
-        try:
-            runs = await guarded(self._repository.read_runs(self._stream_id, self._seq, max_chars))
-        except storage_errors.NotFound as exc:
-            raise NotFound(
-                f"stream {self._stream_id} no longer exists (purged)",
-                reason="STREAM_NOT_FOUND",
-                field="stream_id",
-            ) from exc
-        # One chunk for everything read (rollup), whatever batches it was committed in.
-        for chunk in join_runs(runs).chunks(self._seq, max_chars):
+        chunks = await stored_chunks(
+            self._repository, self._stream_id, self._seq, self._settings.max_chunk_chars
+        )
+        for chunk in chunks:
             yield chunk
             self._seq = chunk.end_seq + 1
             self._last_sent = self._loop.time()

@@ -17,7 +17,7 @@ from tokenstream.server.domain import (
     Turn,
 )
 from tokenstream.server.streams import End, Heartbeat, StreamEvent
-from tokenstream.server.streams.events import EventBatch, WatchEvent
+from tokenstream.server.streams.events import EventBatch, StreamTokens, WatchEvent
 from tokenstream.v1 import tokenstream_pb2 as pb
 
 _STATES: dict[StreamState, pb.StreamState.ValueType] = {
@@ -41,9 +41,7 @@ def timestamp(value: datetime) -> Timestamp:
 
 def event_to_proto(event: StreamEvent) -> pb.SubscribeResponse:
     if isinstance(event, Chunk):
-        return pb.SubscribeResponse(
-            chunk=pb.TokenChunk(start_seq=event.start_seq, end_seq=event.end_seq, text=event.text)
-        )
+        return pb.SubscribeResponse(chunk=chunk_to_proto(event))
     if isinstance(event, Heartbeat):
         return pb.SubscribeResponse(
             heartbeat=pb.Heartbeat(
@@ -141,12 +139,20 @@ def conversation_event_to_proto(event: ConversationEvent) -> pb.ConversationEven
     return message
 
 
+def chunk_to_proto(chunk: Chunk) -> pb.TokenChunk:
+    return pb.TokenChunk(start_seq=chunk.start_seq, end_seq=chunk.end_seq, text=chunk.text)
+
+
 def watch_event_to_proto(event: WatchEvent) -> pb.WatchConversationResponse:
     if isinstance(event, EventBatch):
         return pb.WatchConversationResponse(
             events=pb.ConversationEvents(
                 events=[conversation_event_to_proto(e) for e in event.events]
             )
+        )
+    if isinstance(event, StreamTokens):
+        return pb.WatchConversationResponse(
+            tokens=pb.StreamTokens(stream_id=event.stream_id, chunk=chunk_to_proto(event.chunk))
         )
     return pb.WatchConversationResponse(
         heartbeat=pb.ConversationHeartbeat(

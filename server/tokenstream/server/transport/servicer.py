@@ -148,7 +148,11 @@ class TokenStreamServicer(pb_grpc.TokenStreamServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.WatchConversationResponse]:
         events = await self._engine.watch(
-            request.conversation_id, request.from_event_seq, user_of()
+            request.conversation_id,
+            request.from_event_seq,
+            user_of(),
+            include_tokens=request.include_tokens,
+            from_seq_by_stream=request.from_seq_by_stream,
         )
         async with contextlib.aclosing(events):
             async for event in events:

@@ -513,6 +513,16 @@ class SqlStreamRepository:
             return await self._conversation(conn, conversation_id)
 
     @_finish_even_if_cancelled
+    async def active_streams(self, conversation_id: str) -> list[str]:
+        async with self._read() as conn:
+            found = await conn.scalars(
+                select(streams.c.stream_id)
+                .where(streams.c.conversation_id == conversation_id, streams.c.state.in_(_ACTIVE))
+                .order_by(streams.c.id)
+            )
+            return list(found)
+
+    @_finish_even_if_cancelled
     async def role_of(self, conversation_id: str, user_id: str) -> Role | None:
         async with self._read() as conn:
             role = await conn.scalar(

@@ -5,16 +5,25 @@ alice owns the conversation, bob is a member, carol a viewer, dave is not in it.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import jwt
 import pytest
 
+from tests.e2e.conftest import ServerProcess
 from tests.e2e.grpc_helpers import error_info
-from tokenstream.client import ConnectionOptions, TokenStreamClient
+from tokenstream.client import (
+    ConnectionOptions,
+    RetryPolicy,
+    TokenStreamClient,
+    TokenStreamClientError,
+)
 from tokenstream.server import ServerConfig, TokenStreamServer, create_server
 from tokenstream.server.auth import AuthSettings
 from tokenstream.v1 import tokenstream_pb2 as pb
@@ -24,7 +33,23 @@ if TYPE_CHECKING:
     from tokenstream.v1.tokenstream_pb2_grpc import TokenStreamServiceAsyncStub
 
 USERS = ("alice", "bob", "carol", "dave")
-OK, DENIED, MISSING = "OK", "PERMISSION_DENIED", "NOT_FOUND"
+SECRET = "matrix-secret-matrix-secret-matrix-secret"
+OK, DENIED, MISSING, UNAUTHENTICATED = "OK", "PERMISSION_DENIED", "NOT_FOUND", "UNAUTHENTICATED"
+
+
+def expired_jwt(user: str) -> str:
+    return jwt.encode({"sub": user, "exp": time.time() - 5}, SECRET, algorithm="HS256")
+
+
+# Who calls: three callers without valid credentials, then by role (owner last, so that
+# the others meet running streams and existing members).
+CALLERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "no credentials": (),
+    "bad token": (("authorization", "Bearer mallory-key"),),
+    "expired jwt": (("authorization", f"Bearer {expired_jwt('alice')}"),),
+    **{user: (("authorization", f"Bearer {user}-key"),) for user in ("dave", "carol", "bob")},
+    "alice": (("authorization", "Bearer alice-key"),),
+}
 
 
 @dataclass
@@ -50,7 +75,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
         token_rate=5.0,  # streams stay running
         shutdown_grace=0.5,
-        auth=AuthSettings(api_keys_file=keys),
+        auth=AuthSettings(api_keys_file=keys, jwt_hs256_secret=SECRET),
     )
     server, _ = await create_server(config)
     await server.start()
@@ -74,68 +99,147 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     await server.stop()
 
 
-async def outcome(call: Any, request: Any, user: str) -> str:
+async def outcome(call: Any, request: Any, metadata: tuple[tuple[str, str], ...]) -> str:
     try:
-        reply = call(request, metadata=World.auth(user))
+        reply = call(request, metadata=metadata)
         if hasattr(reply, "read"):  # server streaming: the first message decides
             await reply.read()
             reply.cancel()
         else:
             await reply
     except grpc.aio.AioRpcError as error:
-        reason = error_info(error).reason
-        # Not yours and not there read the same (nothing to probe ids with): any other
-        # reason shows up in the matrix as a mismatch.
-        if error.code() == grpc.StatusCode.NOT_FOUND and reason.endswith("_NOT_FOUND"):
+        code, reason = error.code().name, error_info(error).reason
+        # Each answer must carry the reason that explains it; any other reason shows up in
+        # the matrix as a mismatch. Not yours and not there read the same.
+        if code == MISSING and reason.endswith("_NOT_FOUND"):
             return MISSING
-        return f"{error.code().name}:{reason}" if error.code().name != DENIED else DENIED
+        if code == DENIED and reason in ("ROLE_TOO_LOW", "NOT_ALLOWED_TO_CANCEL"):
+            return DENIED
+        if code == UNAUTHENTICATED and reason.endswith("CREDENTIALS"):
+            return UNAUTHENTICATED
+        return f"{code}:{reason}"
     return OK
 
 
+async def first_error(
+    call: Any, request: Any, metadata: tuple[tuple[str, str], ...]
+) -> grpc.aio.AioRpcError:
+    try:
+        reply = call(request, metadata=metadata)
+        await (reply.read() if hasattr(reply, "read") else reply)
+    except grpc.aio.AioRpcError as error:
+        return error
+    raise AssertionError(f"{request} succeeded")
+
+
+def by_role(owner: str, member: str, viewer: str, outsider: str) -> dict[str, str]:
+    unauthenticated = dict.fromkeys(("no credentials", "bad token", "expired jwt"), UNAUTHENTICATED)
+    return unauthenticated | {"alice": owner, "bob": member, "carol": viewer, "dave": outsider}
+
+
 @pytest.mark.parametrize(
-    ("action", "expected"),
+    ("rpc", "expected"),
     [
-        ("submit", {"alice": OK, "bob": OK, "carol": DENIED, "dave": MISSING}),
-        ("subscribe", {"alice": OK, "bob": OK, "carol": OK, "dave": MISSING}),
-        ("get_stream", {"alice": OK, "bob": OK, "carol": OK, "dave": MISSING}),
-        ("history", {"alice": OK, "bob": OK, "carol": OK, "dave": MISSING}),
-        ("get_conversation", {"alice": OK, "bob": OK, "carol": OK, "dave": MISSING}),
-        ("cancel_others", {"alice": OK, "bob": DENIED, "carol": DENIED, "dave": MISSING}),
-        ("add_member", {"alice": OK, "bob": DENIED, "carol": DENIED, "dave": MISSING}),
+        ("SubmitPrompt", by_role(OK, OK, DENIED, MISSING)),
+        ("Subscribe", by_role(OK, OK, OK, MISSING)),
+        ("Cancel", by_role(OK, DENIED, DENIED, MISSING)),
+        ("GetHistory", by_role(OK, OK, OK, MISSING)),
+        ("GetStream", by_role(OK, OK, OK, MISSING)),
+        ("CreateConversation", by_role(OK, OK, OK, OK)),
+        ("GetConversation", by_role(OK, OK, OK, MISSING)),
+        ("ListConversations", by_role(OK, OK, OK, OK)),
+        ("AddMember", by_role(OK, DENIED, DENIED, MISSING)),
+        ("RemoveMember", by_role(OK, DENIED, DENIED, MISSING)),
+        ("WatchConversation", by_role(OK, OK, OK, MISSING)),
     ],
 )
-async def test_access_matrix(world: World, action: str, expected: dict[str, str]) -> None:
+async def test_access_matrix(world: World, rpc: str, expected: dict[str, str]) -> None:
     stub, conversation = world.stub, world.conversation_id
-    requests: dict[str, tuple[Any, Any]] = {
-        "submit": (
-            stub.SubmitPrompt,
-            pb.SubmitPromptRequest(prompt="me too", conversation_id=conversation, max_tokens=3),
+    # erin is a viewer whom everyone tries to remove; only the owner may.
+    await stub.AddMember(
+        pb.AddMemberRequest(conversation_id=conversation, user_id="erin", role=pb.ROLE_VIEWER),
+        metadata=World.auth("alice"),
+    )
+    requests: dict[str, Any] = {
+        "SubmitPrompt": pb.SubmitPromptRequest(
+            prompt="me too", conversation_id=conversation, max_tokens=3
         ),
-        "subscribe": (stub.Subscribe, pb.SubscribeRequest(stream_id=world.bob_stream)),
-        "get_stream": (stub.GetStream, pb.GetStreamRequest(stream_id=world.bob_stream)),
-        "history": (stub.GetHistory, pb.GetHistoryRequest(conversation_id=conversation)),
-        "get_conversation": (
-            stub.GetConversation,
-            pb.GetConversationRequest(conversation_id=conversation),
+        "Subscribe": pb.SubscribeRequest(stream_id=world.bob_stream),
+        # Everyone tries to cancel someone else's stream: bob tries alice's, the others bob's.
+        "Cancel": pb.CancelRequest(stream_id=world.bob_stream),
+        "GetHistory": pb.GetHistoryRequest(conversation_id=conversation),
+        "GetStream": pb.GetStreamRequest(stream_id=world.bob_stream),
+        "CreateConversation": pb.CreateConversationRequest(),
+        "GetConversation": pb.GetConversationRequest(conversation_id=conversation),
+        "ListConversations": pb.ListConversationsRequest(),
+        "AddMember": pb.AddMemberRequest(
+            conversation_id=conversation, user_id="frank", role=pb.ROLE_VIEWER
         ),
-        # Everyone tries to cancel the stream of someone else; only the owner may. The
-        # owner goes last, so the others meet a running stream.
-        "cancel_others": (stub.Cancel, pb.CancelRequest(stream_id=world.bob_stream)),
-        "add_member": (
-            stub.AddMember,
-            pb.AddMemberRequest(conversation_id=conversation, user_id="erin", role=pb.ROLE_VIEWER),
+        "RemoveMember": pb.RemoveMemberRequest(conversation_id=conversation, user_id="erin"),
+        "WatchConversation": pb.WatchConversationRequest(
+            conversation_id=conversation, include_tokens=True
         ),
     }
-    call, request = requests[action]
-    if action == "cancel_others":
-        call_as = {"bob": world.alice_stream}  # bob tries alice's stream
-        got = {}
-        for user in ("carol", "dave", "bob", "alice"):
-            target = call_as.get(user, world.bob_stream)
-            got[user] = await outcome(call, pb.CancelRequest(stream_id=target), user)
-    else:
-        got = {user: await outcome(call, request, user) for user in USERS}
+    call = getattr(stub, rpc)
+    got = {}
+    for caller, metadata in CALLERS.items():
+        request = requests[rpc]
+        if rpc == "Cancel" and caller == "bob":
+            request = pb.CancelRequest(stream_id=world.alice_stream)
+        got[caller] = await outcome(call, request, metadata)
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    "rpc",
+    ["Subscribe", "Cancel", "GetHistory", "GetStream", "GetConversation", "WatchConversation"],
+)
+async def test_not_yours_reads_exactly_like_not_there(world: World, rpc: str) -> None:
+    """An outsider learns nothing from an id: the answer for another's conversation or
+    stream equals the answer for an id that was never issued (apart from the id itself)."""
+    unknown_stream, unknown_conversation = "strm_" + "z" * 26, "conv_" + "z" * 26
+    real: dict[str, tuple[Any, Any]] = {
+        "Subscribe": (
+            pb.SubscribeRequest(stream_id=world.bob_stream),
+            pb.SubscribeRequest(stream_id=unknown_stream),
+        ),
+        "Cancel": (
+            pb.CancelRequest(stream_id=world.bob_stream),
+            pb.CancelRequest(stream_id=unknown_stream),
+        ),
+        "GetHistory": (
+            pb.GetHistoryRequest(conversation_id=world.conversation_id),
+            pb.GetHistoryRequest(conversation_id=unknown_conversation),
+        ),
+        "GetStream": (
+            pb.GetStreamRequest(stream_id=world.bob_stream),
+            pb.GetStreamRequest(stream_id=unknown_stream),
+        ),
+        "GetConversation": (
+            pb.GetConversationRequest(conversation_id=world.conversation_id),
+            pb.GetConversationRequest(conversation_id=unknown_conversation),
+        ),
+        "WatchConversation": (
+            pb.WatchConversationRequest(conversation_id=world.conversation_id),
+            pb.WatchConversationRequest(conversation_id=unknown_conversation),
+        ),
+    }
+    answers = []
+    for request in real[rpc]:
+        error = await first_error(getattr(world.stub, rpc), request, World.auth("dave"))
+        details = error.details() or ""
+        for leaked in ("alice", "bob", "carol", "asks"):
+            assert leaked not in details
+        for an_id in (
+            world.bob_stream,
+            world.conversation_id,
+            unknown_stream,
+            unknown_conversation,
+        ):
+            details = details.replace(an_id, "<id>")
+        answers.append((error.code(), error_info(error).reason, details))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == grpc.StatusCode.NOT_FOUND
 
 
 async def test_authors_cancel_their_own_streams(world: World) -> None:
@@ -219,3 +323,29 @@ async def test_client_library_manages_conversations(world: World) -> None:
         await owner.remove_member(fresh.conversation_id, "dave")
         again = await owner.get_conversation(fresh.conversation_id)
         assert [m.user_id for m in again.members] == ["alice"]
+
+
+async def test_serve_takes_a_cancel_policy(server_process: ServerProcess, tmp_path: Path) -> None:
+    """`tokenstream serve --cancel-policy owner`: authors may no longer cancel, owners may."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text("".join(f'[[keys]]\nuser = "{u}"\nkey = "{u}-key"\n\n' for u in USERS))
+    extra = ("--api-keys-file", str(keys), "--cancel-policy", "owner")
+    port = await asyncio.to_thread(
+        server_process.start, tmp_path / "db.sqlite", 5.0, extra_args=extra
+    )
+    target = f"127.0.0.1:{port}"
+
+    def as_user(user: str) -> TokenStreamClient:
+        options = ConnectionOptions(bearer_token=f"{user}-key")
+        return TokenStreamClient(target, options=options, retry=RetryPolicy(max_attempts=1))
+
+    async with as_user("alice") as alice, as_user("bob") as bob:
+        conversation = await alice.create_conversation()
+        await alice.add_member(conversation.conversation_id, "bob", "member")
+        mine = await bob.submit("bob's own", conversation_id=conversation.conversation_id)
+        with pytest.raises(TokenStreamClientError) as denied:
+            await bob.cancel(mine.stream_id)
+        assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert denied.value.reason == "NOT_ALLOWED_TO_CANCEL"
+        assert "owner" in denied.value.message
+        assert (await alice.cancel(mine.stream_id)).state == "CANCELLED"

@@ -11,7 +11,7 @@ import pytest
 
 from tests.sources import ScriptedSource
 from tokenstream.server import errors
-from tokenstream.server.domain import Chunk, EndReason, StreamState, TokenRun
+from tokenstream.server.domain import CancelPolicy, Chunk, EndReason, Role, StreamState, TokenRun
 from tokenstream.server.models import ModelRegistry, SyntheticSource, TokenSource
 from tokenstream.server.storage.memory import MemoryStreamRepository
 from tokenstream.server.storage.repository import NewStream, WriteBatch
@@ -438,3 +438,41 @@ async def test_conversation_events_follow_the_stream(make_engine: EngineFactory)
         await engine.watch(sub.conversation_id, -1, None)
     with pytest.raises(errors.NotFound):
         await engine.watch("conv_" + "n" * 26, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("policy", "may_cancel"),
+    [
+        # Who, of: the owner, the author (a member), another member, a viewer.
+        (CancelPolicy.AUTHOR_OR_OWNER, {"owner": True, "author": True, "other": False}),
+        (CancelPolicy.OWNER, {"owner": True, "author": False, "other": False}),
+        (CancelPolicy.MEMBER, {"owner": True, "author": True, "other": True}),
+    ],
+)
+async def test_cancel_policy_decides_who_may_cancel(
+    make_engine: EngineFactory, policy: CancelPolicy, may_cancel: dict[str, bool]
+) -> None:
+    engine = make_engine(
+        ScriptedSource(TOKENS, gated=True), replace(SETTINGS, cancel_policy=policy)
+    )
+    await engine.start()
+    conversation = await engine.create_conversation("owner")
+    for user, role in (("author", Role.MEMBER), ("other", Role.MEMBER), ("viewer", Role.VIEWER)):
+        await engine.add_member(conversation.conversation_id, user, role, "owner")
+    allowed = {}
+    for user in ("viewer", "other", "author", "owner"):  # the owner last: it stops the stream
+        sub = await engine.submit(
+            SubmitCommand("p", conversation_id=conversation.conversation_id, user="author")
+        )
+        denied: errors.PermissionDenied | None = None
+        try:
+            record = await engine.cancel(sub.stream_id, user)
+        except errors.PermissionDenied as error:
+            denied = error
+            record = await engine.cancel(sub.stream_id)  # done with it (no user: no checks)
+        assert record.state is StreamState.CANCELLED
+        allowed[user] = denied is None
+        if denied is not None:
+            assert denied.reason == "NOT_ALLOWED_TO_CANCEL"
+            assert policy.value in str(denied)
+    assert allowed == {"viewer": False, **may_cancel}

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from tokenstream.server.auth import AuthSettings
 from tokenstream.server.config import DEFAULT_DATABASE_URL, ServerConfig
-from tokenstream.server.storage.repository import PurgeResult
+from tokenstream.server.domain import CancelPolicy
+from tokenstream.server.storage.repository import StreamRepository
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +162,13 @@ def _security_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "--max-subscribers-per-stream", type=click.IntRange(min=1), default=1000, show_default=True
 )
 @click.option(
+    "--cancel-policy",
+    type=click.Choice([p.value for p in CancelPolicy]),
+    default=CancelPolicy.AUTHOR_OR_OWNER.value,
+    show_default=True,
+    help="Who may cancel a stream: its author or owners, owners only, or any member.",
+)
+@click.option(
     "--shutdown-grace",
     type=click.FloatRange(min=0),
     default=5.0,
@@ -183,6 +193,7 @@ def serve(
     max_generations: int,
     max_generations_per_caller: int,
     max_subscribers_per_stream: int,
+    cancel_policy: str,
     shutdown_grace: float,
     security: _Security,
 ) -> None:
@@ -222,6 +233,7 @@ def serve(
             max_generations=max_generations,
             max_generations_per_caller=max_generations_per_caller,
             max_subscribers_per_stream=max_subscribers_per_stream,
+            cancel_policy=CancelPolicy(cancel_policy),
         ),
     )
     from tokenstream.server.auth import ConfigurationError
@@ -247,11 +259,57 @@ def purge(older_than: str, database_url: str) -> None:
     Safe while a server runs on the same database: running streams are never touched.
     """
     age = _parse_age(older_than)
-    result = asyncio.run(_purge(database_url, age))
+    before = datetime.now(UTC) - age
+    result = asyncio.run(_on_database(database_url, lambda repo: repo.purge_finished(before)))
     click.echo(f"purged {result.streams} stream(s), {result.conversations} conversation(s)")
 
 
-async def _purge(database_url: str, age: timedelta) -> PurgeResult:
+@click.command()
+@click.argument("conversation_id")
+@click.argument("user_id")
+@click.option(
+    "--role",
+    type=click.Choice(["owner", "member", "viewer"]),
+    default="owner",
+    show_default=True,
+)
+@click.option(
+    "--database-url",
+    envvar="TOKENSTREAM_DATABASE_URL",
+    default=DEFAULT_DATABASE_URL,
+    show_default=True,
+)
+def grant(conversation_id: str, user_id: str, role: str, database_url: str) -> None:
+    """Make USER_ID a member of CONVERSATION_ID, directly in the database (for operators).
+
+    For conversations that no authenticated caller can reach: those started while
+    authentication was off, or before conversations had members. Safe while a server runs.
+    """
+    from tokenstream.server import ids
+    from tokenstream.server.domain import Role
+    from tokenstream.server.errors import InvalidArgument
+    from tokenstream.server.storage.errors import NotFound
+
+    try:
+        ids.check_conversation_id(conversation_id, "CONVERSATION_ID")
+        ids.check_user_id(user_id, "USER_ID")
+    except InvalidArgument as exc:
+        raise click.UsageError(str(exc)) from exc
+    now = datetime.now(UTC)
+    try:
+        member = asyncio.run(
+            _on_database(
+                database_url,
+                lambda repo: repo.set_member(conversation_id, user_id, Role[role.upper()], now),
+            )
+        )
+    except NotFound as exc:
+        raise click.ClickException(f"conversation {conversation_id} does not exist") from exc
+    click.echo(f"{member.user_id} is now {member.role.name.lower()} of {conversation_id}")
+
+
+async def _on_database(database_url: str, work: Callable[[StreamRepository], Awaitable[T]]) -> T:
+    """Runs `work` on the database (upgrading its schema first), then closes it."""
     from tokenstream.server.storage.sql import (
         SqlStreamRepository,
         create_engine,
@@ -262,7 +320,7 @@ async def _purge(database_url: str, age: timedelta) -> PurgeResult:
     repository = SqlStreamRepository(engine)
     try:
         await upgrade_to_head(engine)
-        return await repository.purge_finished(datetime.now(UTC) - age)
+        return await work(repository)
     finally:
         await repository.close()
 

@@ -39,6 +39,28 @@ class Role(enum.IntEnum):
         return self <= needed
 
 
+class CancelPolicy(enum.StrEnum):
+    """Who may cancel a stream besides nobody: a server-wide policy."""
+
+    AUTHOR_OR_OWNER = "author-or-owner"  # the default
+    OWNER = "owner"  # owners only, even for their members' streams
+    MEMBER = "member"  # anyone who may submit (owners and members, not viewers)
+
+    def allows(self, role: Role, is_author: bool) -> bool:
+        if self is CancelPolicy.AUTHOR_OR_OWNER:
+            return is_author or role is Role.OWNER
+        if self is CancelPolicy.OWNER:
+            return role is Role.OWNER
+        return role.allows(Role.MEMBER)
+
+    def describe(self) -> str:
+        return {
+            CancelPolicy.AUTHOR_OR_OWNER: "its author or the conversation's owners",
+            CancelPolicy.OWNER: "the conversation's owners",
+            CancelPolicy.MEMBER: "the conversation's owners and members (not viewers)",
+        }[self]
+
+
 class EndReason:
     """Short causes of FAILED streams, part of the public contract (StreamEnd.reason)."""
 

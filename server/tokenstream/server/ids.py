@@ -62,3 +62,11 @@ def check_request_id(value: str) -> str:
             field="request_id",
         )
     return value
+
+
+def check_user_id(value: str, field: str = "user_id") -> str:
+    if not value or len(value) > 200 or not value.isprintable():
+        raise InvalidArgument(
+            f"{field} must be 1-200 printable characters", reason="INVALID_USER_ID", field=field
+        )
+    return value

@@ -337,16 +337,20 @@ class StreamEngine:
     async def cancel(self, stream_id: str, user: str | None = None) -> StreamRecord:
         """Stops the stream before its next token; returns its final record.
 
-        Allowed to the stream's author and the conversation's owners.
+        Who may is the server's cancel policy (by default the stream's author and the
+        conversation's owners).
         """
         ids.check_stream_id(stream_id)
         record = await get_record(self._repository, stream_id)
         if user is not None:
             role = await self._stream_role(record, user)
-            if not role.allows(Role.OWNER) and record.author != user:
+            policy = self.settings.cancel_policy
+            if not policy.allows(role, is_author=record.author == user):
                 raise PermissionDenied(
-                    "only the stream's author or the conversation's owners can cancel it",
-                    reason="NOT_AUTHOR_OR_OWNER",
+                    f"only {policy.describe()} can cancel stream {stream_id} (this server's "
+                    f"cancel policy is {policy.value})",
+                    reason="NOT_ALLOWED_TO_CANCEL",
+                    metadata={"policy": policy.value},
                 )
         live = self._generations.live.get(stream_id)
         if live is None:
@@ -473,7 +477,7 @@ class StreamEngine:
         self, conversation_id: str, member: str, role: Role | None, user: str | None
     ) -> Member:
         ids.check_conversation_id(conversation_id)
-        _check_user_id(member)
+        ids.check_user_id(member)
         if role is None:
             raise InvalidArgument(
                 "role must be OWNER, MEMBER or VIEWER", reason="MISSING_ROLE", field="role"
@@ -493,7 +497,7 @@ class StreamEngine:
     async def remove_member(self, conversation_id: str, member: str, user: str | None) -> None:
         """Owners remove anyone; anyone may leave. The last owner cannot go."""
         ids.check_conversation_id(conversation_id)
-        _check_user_id(member)
+        ids.check_user_id(member)
         await self._require(conversation_id, user, Role.OWNER if member != user else Role.VIEWER)
         await self._keep_an_owner(conversation_id, member)
         removed = await guarded(self._repository.remove_member(conversation_id, member, user))
@@ -632,13 +636,6 @@ _UNSTARTED = Ending(
     "the server shut down before this stream started; submit it again",
     forget_request=True,
 )
-
-
-def _check_user_id(user_id: str) -> None:
-    if not user_id or len(user_id) > 200 or not user_id.isprintable():
-        raise InvalidArgument(
-            "user_id must be 1-200 printable characters", reason="INVALID_USER_ID", field="user_id"
-        )
 
 
 def _shutting_down() -> Unavailable:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenstream.server.domain import CancelPolicy
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
@@ -45,3 +47,5 @@ class EngineSettings:
     # Finished streams older than this many days are purged in the background (None: never).
     retention_days: float | None = None
     retention_interval: float = 3600.0
+    # Who may cancel a stream (with authentication on).
+    cancel_policy: CancelPolicy = CancelPolicy.AUTHOR_OR_OWNER

@@ -13,7 +13,7 @@ GEN_FLAGS = -Iprotos --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --
 TS_DIR   := clients/typescript
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 
-.PHONY: venv run test lint generate check-generated buf-lint pytest ts-check clean
+.PHONY: venv system-packages run test lint generate check-generated buf-lint pytest ts-check clean
 
 venv: $(STAMP)
 
@@ -28,9 +28,13 @@ run: $(STAMP)
 	$(BIN)/tokenstream serve --host $(HOST) --port $(PORT) --database-url '$(DATABASE_URL)'
 
 ## test: lint, generated-code drift check, TypeScript type check, and the whole test suite
-test: lint check-generated ts-check pytest
+test: system-packages lint check-generated ts-check pytest
 
-pytest: $(STAMP)
+## system-packages: the Debian packages the tests need (Node.js, PostgreSQL), if missing
+system-packages:
+	scripts/system-packages.sh
+
+pytest: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
 
 ## lint: ruff, mypy (strict) and buf lint
@@ -43,7 +47,7 @@ buf-lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code protos
 
-$(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+$(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json | system-packages
 	cd $(TS_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(TS_STAMP)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.postgres import PostgresCluster
 from tokenstream.server import ServerConfig, TokenStreamServer, create_server
 from tokenstream.server.streams import EngineSettings
 from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
@@ -73,3 +74,29 @@ async def server(start_server: ServerFactory) -> RunningServer:
 async def paced_server(start_server: ServerFactory) -> RunningServer:
     """A server whose built-in sources produce 200 tokens/s, so streams run for a while."""
     return await start_server(token_rate=200.0)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throw-away PostgreSQL cluster for the whole run, started on first use."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+async def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    return await postgres_cluster.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each storage test runs on the embedded SQLite file and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return await cluster.create_database()

@@ -1,4 +1,5 @@
-"""The SQL repository against a real SQLite file, schema created by the Alembic migrations."""
+"""The SQL repository against real databases (an SQLite file and a PostgreSQL cluster),
+schema created by the Alembic migrations."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tokenstream.server.domain import Ending, StreamState, TokenRun
+from tokenstream.server.domain import Ending, Role, StreamState, TokenRun
 from tokenstream.server.storage.errors import AlreadyExists, NotFound
 from tokenstream.server.storage.repository import NewStream, PurgeResult, WriteBatch
 from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
@@ -48,8 +49,8 @@ def new_stream(
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    db = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    db = create_engine(database_url)
     await upgrade_to_head(db)
     yield db
     await db.dispose()
@@ -309,3 +310,36 @@ async def test_upgrade_from_the_first_revision_keeps_data(tmp_path: Path) -> Non
     runs = await repository.read_runs(stream_id(7), 1, 100)
     assert [c.text for c in runs[0].chunks(1, 100)] == ["b"]
     await repository.close()
+
+
+async def test_concurrent_writers_number_conversation_events_without_gaps(
+    database_url: str,
+) -> None:
+    """Replicas writing to one conversation at once (members added, streams created and
+    ended) never give two events one seq, and never fail for it."""
+    engines = [create_engine(database_url) for _ in range(3)]
+    await upgrade_to_head(engines[0])
+    replicas = [SqlStreamRepository(e) for e in engines]
+    try:
+        await replicas[0].commit(WriteBatch(NOW, creations=[new_stream(0, new_conversation=True)]))
+
+        async def busy(replica: SqlStreamRepository, k: int) -> None:
+            for i in range(8):
+                await replica.set_member(CONV, f"user-{k}-{i}", Role.MEMBER, NOW)
+
+        async def streams_come_and_go(replica: SqlStreamRepository) -> None:
+            for n in range(1, 9):
+                await replica.commit(WriteBatch(NOW, creations=[new_stream(n)]))
+                ending = Ending(StreamState.COMPLETED)
+                await replica.commit(WriteBatch(NOW, endings=[(stream_id(n), ending)]))
+
+        await asyncio.gather(
+            busy(replicas[0], 0), busy(replicas[1], 1), streams_come_and_go(replicas[2])
+        )
+        events, head = await replicas[0].read_events(CONV, 0, 1000)
+        # 2 for stream 0's creation, 16 members, and 3 per other stream (prompt, start, end).
+        assert [e.seq for e in events] == list(range(head + 1))
+        assert head + 1 == 2 + 16 + 8 * 3
+    finally:
+        for replica in replicas:
+            await replica.close()

@@ -7,7 +7,7 @@ import click
 from tokenstream.cli.chat import chat
 from tokenstream.cli.client_commands import cancel, follow, history, status, submit
 from tokenstream.cli.describe import describe
-from tokenstream.cli.server_commands import grant, purge, serve
+from tokenstream.cli.server_commands import grant, migrate, purge, serve
 
 
 @click.group()
@@ -16,7 +16,19 @@ def cli() -> None:
     """Durable, resumable LLM token streams over gRPC."""
 
 
-for command in (serve, purge, grant, submit, follow, cancel, status, history, chat, describe):
+for command in (
+    serve,
+    migrate,
+    purge,
+    grant,
+    submit,
+    follow,
+    cancel,
+    status,
+    history,
+    chat,
+    describe,
+):
     cli.add_command(command)
 
 

@@ -162,6 +162,12 @@ def _security_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "--max-subscribers-per-stream", type=click.IntRange(min=1), default=1000, show_default=True
 )
 @click.option(
+    "--migrate/--no-migrate",
+    default=True,
+    show_default=True,
+    help="Bring the database schema up to date on start (off: `tokenstream migrate` does it).",
+)
+@click.option(
     "--cancel-policy",
     type=click.Choice([p.value for p in CancelPolicy]),
     default=CancelPolicy.AUTHOR_OR_OWNER.value,
@@ -193,6 +199,7 @@ def serve(
     max_generations: int,
     max_generations_per_caller: int,
     max_subscribers_per_stream: int,
+    migrate: bool,
     cancel_policy: str,
     shutdown_grace: float,
     security: _Security,
@@ -216,6 +223,7 @@ def serve(
         token_rate=token_rate,
         default_model=default_model,
         shutdown_grace=shutdown_grace,
+        migrate=migrate,
         keepalive_time=keepalive_time,
         auth=security.auth,
         insecure_no_auth=security.insecure_no_auth,
@@ -262,6 +270,27 @@ def purge(older_than: str, database_url: str) -> None:
     before = datetime.now(UTC) - age
     result = asyncio.run(_on_database(database_url, lambda repo: repo.purge_finished(before)))
     click.echo(f"purged {result.streams} stream(s), {result.conversations} conversation(s)")
+
+
+@click.command()
+@click.option(
+    "--database-url",
+    envvar="TOKENSTREAM_DATABASE_URL",
+    default=DEFAULT_DATABASE_URL,
+    show_default=True,
+)
+def migrate(database_url: str) -> None:
+    """Create or upgrade the database schema to the newest revision (SQLite or PostgreSQL).
+
+    `serve` does this on start unless given --no-migrate; with several replicas, run it
+    once before starting them.
+    """
+
+    async def noop(_: StreamRepository) -> None:
+        return None
+
+    asyncio.run(_on_database(database_url, noop))
+    click.echo("the database schema is up to date")
 
 
 @click.command()

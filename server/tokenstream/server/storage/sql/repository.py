@@ -153,6 +153,16 @@ async def _append_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> N
         return
     heads: dict[str, int] = {}
     rows = []
+    # PostgreSQL: a writer holds its conversations' rows until it commits, so two replicas
+    # never number events from the same head. In one order, and NO KEY UPDATE, which the
+    # KEY SHARE locks that foreign-key checks took earlier in the transaction do not block:
+    # no deadlocks.
+    await conn.execute(
+        select(conversations.c.id)
+        .where(conversations.c.conversation_id.in_({e.conversation_id for e in events}))
+        .order_by(conversations.c.id)
+        .with_for_update(key_share=True)
+    )
     for event in events:
         conversation_id = event.conversation_id
         if conversation_id not in heads:
@@ -184,6 +194,13 @@ class SqlStreamRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._inflight: set[asyncio.Future[Any]] = set()
+        # A read of several statements must see one snapshot: SQLite's explicit BEGIN gives
+        # that; PostgreSQL needs REPEATABLE READ (read-only, so it never fails to serialize).
+        self._read_options: dict[str, Any] = (
+            {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+            if engine.dialect.name == "postgresql"
+            else {}
+        )
 
     async def close(self) -> None:
         if self._inflight:  # calls whose callers were cancelled: let them return connections
@@ -193,8 +210,11 @@ class SqlStreamRepository:
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
         """A read transaction: every statement in it sees one snapshot."""
-        async with _unavailable_on_outage(), self._engine.connect() as conn, conn.begin():
-            yield conn
+        async with _unavailable_on_outage(), self._engine.connect() as conn:
+            if self._read_options:
+                await conn.execution_options(**self._read_options)
+            async with conn.begin():
+                yield conn
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -320,9 +340,9 @@ class SqlStreamRepository:
         result = CommitResult()
         terminal = result.terminal
         async with self._write() as conn:
-            if batch.creations:
-                result.created = await self._create_many(conn, batch.creations)
             if not touched:
+                if batch.creations:
+                    result.created = await self._create_many(conn, batch.creations)
                 return result
             active = set(
                 (
@@ -359,6 +379,9 @@ class SqlStreamRepository:
                 ).first()
                 if row is not None:
                     terminal[stream_id] = await self._record(conn, row)
+            # Last: locks are taken streams first, then conversations, in every transaction.
+            if batch.creations:
+                result.created = await self._create_many(conn, batch.creations)
         return result
 
     @_finish_even_if_cancelled
@@ -439,16 +462,23 @@ class SqlStreamRepository:
         if not stream_ids:
             return 0
         async with self._write() as conn:
-            result = await conn.execute(
-                update(streams)
-                .where(
-                    streams.c.owner_id == owner_id,
-                    streams.c.stream_id.in_(stream_ids),
-                    streams.c.state.in_(_ACTIVE),
+            mine = (
+                await conn.scalars(
+                    select(streams.c.id)
+                    .where(
+                        streams.c.owner_id == owner_id,
+                        streams.c.stream_id.in_(stream_ids),
+                        streams.c.state.in_(_ACTIVE),
+                    )
+                    .order_by(streams.c.id)  # the lock order of every writer: no deadlocks
+                    .with_for_update(key_share=True)
                 )
-                .values(lease_expires_at=until)
-            )
-            return int(result.rowcount)
+            ).all()
+            if mine:
+                await conn.execute(
+                    update(streams).where(streams.c.id.in_(mine)).values(lease_expires_at=until)
+                )
+            return len(mine)
 
     @_finish_even_if_cancelled
     async def end_expired_leases(self, now: datetime, ending: Ending) -> list[str]:

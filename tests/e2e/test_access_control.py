@@ -113,7 +113,7 @@ async def outcome(call: Any, request: Any, metadata: tuple[tuple[str, str], ...]
         # the matrix as a mismatch. Not yours and not there read the same.
         if code == MISSING and reason.endswith("_NOT_FOUND"):
             return MISSING
-        if code == DENIED and reason in ("ROLE_TOO_LOW", "NOT_ALLOWED_TO_CANCEL"):
+        if code == DENIED and reason in ("ROLE_TOO_LOW", "NOT_AUTHOR_OR_OWNER"):
             return DENIED
         if code == UNAUTHENTICATED and reason.endswith("CREDENTIALS"):
             return UNAUTHENTICATED
@@ -346,6 +346,6 @@ async def test_serve_takes_a_cancel_policy(server_process: ServerProcess, tmp_pa
         with pytest.raises(TokenStreamClientError) as denied:
             await bob.cancel(mine.stream_id)
         assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
-        assert denied.value.reason == "NOT_ALLOWED_TO_CANCEL"
+        assert denied.value.reason == "ROLE_TOO_LOW"
         assert "owner" in denied.value.message
         assert (await alice.cancel(mine.stream_id)).state == "CANCELLED"

@@ -429,3 +429,45 @@ async def test_a_bad_resume_position_is_invalid_argument(server: TokenStreamServ
                 await call.read()
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "from_seq_by_stream" in (info.value.details() or "")
+
+
+async def test_a_removed_member_stops_receiving_at_once(server: TokenStreamServer) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TokenStreamServiceStub(channel)
+        created = await stub.CreateConversation(
+            pb.CreateConversationRequest(), metadata=auth("alice")
+        )
+        conversation = created.conversation.conversation_id
+        await stub.AddMember(
+            pb.AddMemberRequest(conversation_id=conversation, user_id="bob", role=pb.ROLE_VIEWER),
+            metadata=auth("alice"),
+        )
+        await stub.SubmitPrompt(
+            pb.SubmitPromptRequest(conversation_id=conversation, prompt="busy", max_tokens=500),
+            metadata=auth("alice"),
+        )
+        call = stub.WatchConversation(
+            pb.WatchConversationRequest(conversation_id=conversation, include_tokens=True),
+            metadata=auth("bob"),
+        )
+        tokens_after_removal = 0
+        removed = False
+
+        async def read_until_cut_off() -> None:
+            nonlocal removed, tokens_after_removal
+            async for message in call:
+                if message.HasField("tokens"):
+                    tokens_after_removal += removed
+                    if not removed and message.tokens.chunk.end_seq >= 5:
+                        await stub.RemoveMember(
+                            pb.RemoveMemberRequest(conversation_id=conversation, user_id="bob"),
+                            metadata=auth("alice"),
+                        )
+                        removed = True
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(read_until_cut_off(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # Tokens flow all the time (no quiet heartbeat), yet the watch ends right after the
+        # member_removed event: at most what was in flight arrives.
+        assert tokens_after_removal <= 3

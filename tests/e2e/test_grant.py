@@ -55,6 +55,18 @@ async def test_a_conversation_from_development_mode_is_granted_to_a_user(
             assert [(t.prompt, t.response) for t in history.turns] == [
                 ("from before", "from before")
             ]
+            # The last owner cannot be demoted this way either.
+            code, _, err = await run_cli(
+                "grant", old.conversation_id, "alice", "--role", "viewer", "--database-url", url
+            )
+            assert code != 0
+            assert "last owner" in err
+            conversation = await stub.GetConversation(
+                pb.GetConversationRequest(conversation_id=old.conversation_id), metadata=alice
+            )
+            assert [(m.user_id, m.role) for m in conversation.conversation.members] == [
+                ("alice", pb.ROLE_OWNER)
+            ]
     finally:
         await server.stop()
 

@@ -894,7 +894,8 @@ class WatchConversationRequest(_message.Message):
     include_tokens: _builtins.bool
     """Also send the token chunks of the conversation's streams (see StreamTokens), so one
     watch mirrors the whole chat. A stream's tokens come after its `prompt_submitted`
-    event and before its `stream_ended` event.
+    event and before its `stream_ended` event (a stream deleted by retention before its
+    tokens were sent ends without them; GetHistory no longer lists it either).
     """
     @_builtins.property
     def from_seq_by_stream(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:

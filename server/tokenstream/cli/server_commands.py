@@ -315,7 +315,7 @@ def grant(conversation_id: str, user_id: str, role: str, database_url: str) -> N
     authentication was off, or before conversations had members. Safe while a server runs.
     """
     from tokenstream.server import ids
-    from tokenstream.server.domain import Role
+    from tokenstream.server.domain import Member, Role
     from tokenstream.server.errors import InvalidArgument
     from tokenstream.server.storage.errors import NotFound
 
@@ -324,14 +324,20 @@ def grant(conversation_id: str, user_id: str, role: str, database_url: str) -> N
         ids.check_user_id(user_id, "USER_ID")
     except InvalidArgument as exc:
         raise click.UsageError(str(exc)) from exc
-    now = datetime.now(UTC)
-    try:
-        member = asyncio.run(
-            _on_database(
-                database_url,
-                lambda repo: repo.set_member(conversation_id, user_id, Role[role.upper()], now),
+    wanted = Role[role.upper()]
+
+    async def grant_role(repository: StreamRepository) -> Member:
+        conversation = await repository.get_conversation(conversation_id)
+        owners = {m.user_id for m in conversation.members if m.role is Role.OWNER}
+        if wanted is not Role.OWNER and owners == {user_id}:
+            raise click.ClickException(
+                f"{user_id} is the last owner of {conversation_id}; grant another user "
+                "the owner role first"
             )
-        )
+        return await repository.set_member(conversation_id, user_id, wanted, datetime.now(UTC))
+
+    try:
+        member = asyncio.run(_on_database(database_url, grant_role))
     except NotFound as exc:
         raise click.ClickException(f"conversation {conversation_id} does not exist") from exc
     click.echo(f"{member.user_id} is now {member.role.name.lower()} of {conversation_id}")

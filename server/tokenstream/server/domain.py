@@ -60,6 +60,12 @@ class CancelPolicy(enum.StrEnum):
             CancelPolicy.MEMBER: "the conversation's owners and members (not viewers)",
         }[self]
 
+    @property
+    def refusal_reason(self) -> str:
+        """The ErrorInfo reason of a refusal: role-only policies refuse like other role
+        checks; the default keeps the reason it has always had."""
+        return "NOT_AUTHOR_OR_OWNER" if self is CancelPolicy.AUTHOR_OR_OWNER else "ROLE_TOO_LOW"
+
 
 class EndReason:
     """Short causes of FAILED streams, part of the public contract (StreamEnd.reason)."""

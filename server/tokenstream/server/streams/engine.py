@@ -349,8 +349,8 @@ class StreamEngine:
                 raise PermissionDenied(
                     f"only {policy.describe()} can cancel stream {stream_id} (this server's "
                     f"cancel policy is {policy.value})",
-                    reason="NOT_ALLOWED_TO_CANCEL",
-                    metadata={"policy": policy.value},
+                    reason=policy.refusal_reason,
+                    metadata={"policy": policy.value, "role": role.name},
                 )
         live = self._generations.live.get(stream_id)
         if live is None:
@@ -365,6 +365,7 @@ class StreamEngine:
         result = await guarded(
             self._repository.commit(WriteBatch(at=_now(), endings=[(stream_id, CANCELLED)]))
         )
+        self._note_commit()  # its stream_ended event is stored: watchers here look now
         return result.terminal.get(stream_id) or await get_record(self._repository, stream_id)
 
     # -- reads ---------------------------------------------------------------------------

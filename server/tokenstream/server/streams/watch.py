@@ -18,6 +18,8 @@ from tokenstream.server.streams.settings import EngineSettings
 
 # Events read per store round trip; a watcher further behind catches up in several batches.
 EVENT_BATCH_LIMIT = 1000
+# Events after which the watcher's own membership is checked again at once.
+_MEMBERSHIP_EVENTS = frozenset({"member_removed", "member_added"})
 
 
 class ConversationWatch:
@@ -63,8 +65,13 @@ class ConversationWatch:
     async def events(self) -> AsyncGenerator[WatchEvent, None]:
         loop = asyncio.get_running_loop()
         heartbeat_interval = self._settings.heartbeat_interval
-        last_sent = loop.time()
+        last_sent = last_checked = loop.time()
         while True:
+            if loop.time() - last_checked >= heartbeat_interval:
+                # Still a member? Checked on a timer, busy or quiet: a removed member's
+                # watch ends within a heartbeat interval however much it is sent.
+                await self._check_access()
+                last_checked = loop.time()
             committed = self._committed()  # taken before reading, so no commit is missed
             active = (
                 None
@@ -76,13 +83,21 @@ class ConversationWatch:
             async for message in self._deliver(events):
                 yield message
                 sent = True
+            if any(e.kind in _MEMBERSHIP_EVENTS for e in events):
+                await self._check_access()  # the watcher may be the one who left
+                last_checked = loop.time()
             if active is not None and len(events) < EVENT_BATCH_LIMIT:
-                # Caught up after listing: an active stream not announced by now started
-                # before from_event_seq (its prompt event is older than the listing).
-                for stream_id in active:
-                    if stream_id not in self._announced and stream_id not in self._ended:
-                        self._following.setdefault(stream_id, self._resume_at.get(stream_id, 0))
+                if self._seq <= head + 1:
+                    # Caught up after listing: an active stream not announced by now started
+                    # before from_event_seq (its prompt event is older than the listing).
+                    for stream_id in active:
+                        if stream_id not in self._announced and stream_id not in self._ended:
+                            self._following.setdefault(stream_id, self._resume_at.get(stream_id, 0))
+                # (A from_event_seq past the head waits for events; streams running now
+                # are followed only if their end falls in the watched range.)
                 self._found_earlier_streams = True
+                self._announced.clear()  # needed only until now
+                self._ended.clear()
             for stream_id in list(self._following):
                 for chunk in await self._new_chunks(stream_id):
                     yield StreamTokens(stream_id, chunk)
@@ -93,7 +108,6 @@ class ConversationWatch:
             if loop.time() - last_sent >= heartbeat_interval:
                 yield WatchHeartbeat(head, datetime.now(UTC))
                 last_sent = loop.time()
-                await self._check_access()  # still a member?
             quiet_left = heartbeat_interval - (loop.time() - last_sent)
             # Commits here wake us at once; another replica's are found by polling.
             with contextlib.suppress(TimeoutError):
@@ -124,11 +138,13 @@ class ConversationWatch:
                     for chunk in chunks:
                         yield StreamTokens(stream_id, chunk)
                 del self._following[stream_id]
-                self._ended.add(stream_id)
+                if not self._found_earlier_streams:
+                    self._ended.add(stream_id)
             batch.append(event)
             self._seq = event.seq + 1
             if self._include_tokens and event.kind == "prompt_submitted":
-                self._announced.add(stream_id)
+                if not self._found_earlier_streams:
+                    self._announced.add(stream_id)
                 self._following.setdefault(stream_id, self._resume_at.get(stream_id, 0))
         if batch:
             yield EventBatch(batch)

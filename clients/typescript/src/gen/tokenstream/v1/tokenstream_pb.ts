@@ -871,7 +871,8 @@ export type WatchConversationRequest = Message<"tokenstream.v1.WatchConversation
   /**
    * Also send the token chunks of the conversation's streams (see StreamTokens), so one
    * watch mirrors the whole chat. A stream's tokens come after its `prompt_submitted`
-   * event and before its `stream_ended` event.
+   * event and before its `stream_ended` event (a stream deleted by retention before its
+   * tokens were sent ends without them; GetHistory no longer lists it either).
    *
    * @generated from field: bool include_tokens = 3;
    */

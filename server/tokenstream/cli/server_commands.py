@@ -328,8 +328,7 @@ def grant(conversation_id: str, user_id: str, role: str, database_url: str) -> N
 
     async def grant_role(repository: StreamRepository) -> Member:
         conversation = await repository.get_conversation(conversation_id)
-        owners = {m.user_id for m in conversation.members if m.role is Role.OWNER}
-        if wanted is not Role.OWNER and owners == {user_id}:
+        if wanted is not Role.OWNER and conversation.is_last_owner(user_id):
             raise click.ClickException(
                 f"{user_id} is the last owner of {conversation_id}; grant another user "
                 "the owner role first"

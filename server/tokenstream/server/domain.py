@@ -215,6 +215,10 @@ class Conversation:
     members: tuple[Member, ...]
     cursor: int  # position among conversations, for pagination
 
+    def is_last_owner(self, user_id: str) -> bool:
+        """True when `user_id` is its only owner: they cannot leave or stop being one."""
+        return {m.user_id for m in self.members if m.role is Role.OWNER} == {user_id}
+
 
 @dataclass(frozen=True, slots=True)
 class ConversationEvent:

@@ -59,7 +59,7 @@ from tokenstream.server.streams.leases import INTERRUPTED, LeaseKeeper
 from tokenstream.server.streams.pagination import decode_page_token, encode_page_token
 from tokenstream.server.streams.settings import EngineSettings
 from tokenstream.server.streams.subscription import Subscription
-from tokenstream.server.streams.watch import ConversationWatch, read_events
+from tokenstream.server.streams.watch import ConversationWatch
 from tokenstream.server.streams.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -512,8 +512,7 @@ class StreamEngine:
 
     async def _keep_an_owner(self, conversation_id: str, leaving: str) -> None:
         conversation = await guarded(self._repository.get_conversation(conversation_id))
-        owners = {m.user_id for m in conversation.members if m.role is Role.OWNER}
-        if owners == {leaving}:
+        if conversation.is_last_owner(leaving):
             raise FailedPrecondition(
                 f"{leaving} is the last owner of conversation {conversation_id}; make someone "
                 "else an owner first",
@@ -588,7 +587,8 @@ class StreamEngine:
                     field="from_seq_by_stream",
                 )
         await self._require(conversation_id, user, Role.VIEWER)
-        await read_events(self._repository, conversation_id, from_event_seq)  # NOT_FOUND now
+        if not await guarded(self._repository.conversation_exists(conversation_id)):
+            raise conversation_not_found(conversation_id)  # now, not at the first read
         watch = ConversationWatch(
             self._repository,
             self._generations,

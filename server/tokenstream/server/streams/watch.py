@@ -78,7 +78,7 @@ class ConversationWatch:
                 if self._found_earlier_streams
                 else await guarded(self._repository.active_streams(self._conversation_id))
             )
-            events, head = await read_events(self._repository, self._conversation_id, self._seq)
+            events, head = await _read_events(self._repository, self._conversation_id, self._seq)
             sent = False
             async for message in self._deliver(events):
                 yield message
@@ -167,7 +167,7 @@ class ConversationWatch:
         return chunks
 
 
-async def read_events(
+async def _read_events(
     repository: StreamRepository, conversation_id: str, from_seq: int
 ) -> tuple[list[ConversationEvent], int]:
     try:

@@ -6,6 +6,7 @@ gRPC health check answers SERVING, and is always killed at fixture teardown.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -50,6 +51,21 @@ def subprocess_env() -> dict[str, str]:
     }
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+async def run_tokenstream(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    """Runs `tokenstream ARGS` to completion (within 30 s): exit code, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *tokenstream_command(),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import RunningServer, ServerFactory
+from tests.e2e.conftest import run_tokenstream
 from tokenstream.server.models.synthetic import synthetic_tokens
 from tokenstream.v1 import tokenstream_pb2 as pb
 
@@ -21,18 +22,7 @@ TOKENSTREAM = str(Path(sys.executable).with_name("tokenstream"))
 
 
 async def run_cli(target: str, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        TOKENSTREAM,
-        *args,
-        "--target",
-        target,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(stdin), 30)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_tokenstream(*args, "--target", target, stdin=stdin)
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

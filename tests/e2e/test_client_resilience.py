@@ -8,10 +8,11 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-from tests.conftest import ServerFactory
+from tests.conftest import RunningServer, ServerFactory
 from tests.e2e.conftest import ServerProcess, free_port
 from tests.e2e.tcp_proxy import TcpProxy
 from tokenstream.client import (
@@ -35,6 +36,38 @@ async def stored_text(target: str, stream_id: str) -> tuple[str, StreamEnd]:
     end = items[-1]
     assert isinstance(end, StreamEnd)
     return "".join(i.text for i in items if isinstance(i, Chunk)), end
+
+
+class CuttingProxy:
+    """A proxy in front of a server that cuts every connection every 0.15-0.4 s."""
+
+    def __init__(self, proxy: TcpProxy) -> None:
+        self.proxy = proxy
+        self.cuts = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.proxy.port}"
+
+
+@asynccontextmanager
+async def cutting_proxy(server: RunningServer, seed: int) -> AsyncIterator[CuttingProxy]:
+    cutting = CuttingProxy(TcpProxy(server.server.port))
+    await cutting.proxy.start()
+    rng = random.Random(seed)
+
+    async def cut_now_and_then() -> None:
+        while True:
+            await asyncio.sleep(rng.uniform(0.15, 0.4))
+            cutting.proxy.cut()
+            cutting.cuts += 1
+
+    cutter = asyncio.create_task(cut_now_and_then())
+    try:
+        yield cutting
+    finally:
+        cutter.cancel()
+        await cutting.proxy.stop()
 
 
 class Collector:
@@ -99,28 +132,14 @@ async def test_stream_survives_connections_cut_at_random_points(
     start_server: ServerFactory,
 ) -> None:
     server = await start_server(token_rate=400.0)
-    proxy = TcpProxy(server.server.port)
-    await proxy.start()
-    rng = random.Random(7)
-    cuts = 0
-
-    async def cut_now_and_then() -> None:
-        nonlocal cuts
-        while True:
-            await asyncio.sleep(rng.uniform(0.15, 0.4))
-            proxy.cut()
-            cuts += 1
-
-    cutter = asyncio.create_task(cut_now_and_then())
-    try:
-        async with TokenStreamClient(f"127.0.0.1:{proxy.port}", retry=QUICK_RETRY) as client:
-            sub = await client.submit("cut me often", max_tokens=1200)  # ~3 s
-            collector = Collector(client)
-            end = await collector.read(sub.stream_id)
-    finally:
-        cutter.cancel()
-        await proxy.stop()
-    assert cuts >= 4
+    async with (
+        cutting_proxy(server, seed=7) as proxy,
+        TokenStreamClient(proxy.target, retry=QUICK_RETRY) as client,
+    ):
+        sub = await client.submit("cut me often", max_tokens=1200)  # ~3 s
+        collector = Collector(client)
+        end = await collector.read(sub.stream_id)
+    assert proxy.cuts >= 4
     assert len(collector.reconnects) >= 3
     assert end.state == "COMPLETED"
     assert collector.text == "".join(synthetic_tokens("cut me often", 1200))
@@ -184,18 +203,6 @@ async def test_watch_with_tokens_survives_connections_cut_at_random_points(
     start_server: ServerFactory,
 ) -> None:
     server = await start_server(token_rate=400.0)
-    proxy = TcpProxy(server.server.port)
-    await proxy.start()
-    rng = random.Random(11)
-    cuts = 0
-
-    async def cut_now_and_then() -> None:
-        nonlocal cuts
-        while True:
-            await asyncio.sleep(rng.uniform(0.15, 0.4))
-            proxy.cut()
-            cuts += 1
-
     events: list[ConversationEvent] = []
     texts: dict[str, str] = {}
     reconnects: list[Reconnect] = []
@@ -204,22 +211,20 @@ async def test_watch_with_tokens_survives_connections_cut_at_random_points(
         second = await direct.submit(
             "second of two", conversation_id=first.conversation_id, max_tokens=600
         )
-    cutter = asyncio.create_task(cut_now_and_then())
-    try:
-        async with TokenStreamClient(
-            f"127.0.0.1:{proxy.port}", retry=QUICK_RETRY, on_reconnect=reconnects.append
-        ) as client:
-            async for item in client.watch(first.conversation_id, include_tokens=True):
-                if isinstance(item, StreamTokens):
-                    texts[item.stream_id] = texts.get(item.stream_id, "") + item.chunk.text
-                    continue
-                events.append(item)
-                if sum(e.kind == "stream_ended" for e in events) == 2:
-                    break
-    finally:
-        cutter.cancel()
-        await proxy.stop()
-    assert cuts >= 4
+    async with (
+        cutting_proxy(server, seed=11) as proxy,
+        TokenStreamClient(
+            proxy.target, retry=QUICK_RETRY, on_reconnect=reconnects.append
+        ) as client,
+    ):
+        async for item in client.watch(first.conversation_id, include_tokens=True):
+            if isinstance(item, StreamTokens):
+                texts[item.stream_id] = texts.get(item.stream_id, "") + item.chunk.text
+                continue
+            events.append(item)
+            if sum(e.kind == "stream_ended" for e in events) == 2:
+                break
+    assert proxy.cuts >= 4
     assert len(reconnects) >= 3
     assert [e.seq for e in events] == list(range(6))  # no gap, no duplicate
     for sub, prompt in ((first, "first of two"), (second, "second of two")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from tokenstream.v1.tokenstream_pb2_grpc import TokenStreamServiceAsyncStub
+
+    Stub = TokenStreamServiceAsyncStub
 
 
 def auth(user: str) -> tuple[tuple[str, str], ...]:
@@ -75,25 +78,35 @@ async def watch_until(
     raise AssertionError("the watch ended by itself")
 
 
-async def test_two_users_three_devices_see_the_conversation_in_order(
-    server: TokenStreamServer,
-) -> None:
+@asynccontextmanager
+async def three_devices(
+    server: TokenStreamServer, bob_role: pb.Role.ValueType
+) -> AsyncIterator[tuple[str, Stub, Stub, Stub]]:
+    """A conversation of alice's with bob in it, and three devices: alice's first and
+    second, and bob's phone (each its own connection)."""
     async with (
         grpc.aio.insecure_channel(server.address) as device1,
         grpc.aio.insecure_channel(server.address) as device2,
         grpc.aio.insecure_channel(server.address) as bobs_phone,
     ):
-        a1 = pb_grpc.TokenStreamServiceStub(device1)
-        a2 = pb_grpc.TokenStreamServiceStub(device2)
-        b = pb_grpc.TokenStreamServiceStub(bobs_phone)
+        a1: Stub = pb_grpc.TokenStreamServiceStub(device1)
+        a2: Stub = pb_grpc.TokenStreamServiceStub(device2)
+        b: Stub = pb_grpc.TokenStreamServiceStub(bobs_phone)
         created = await a1.CreateConversation(
             pb.CreateConversationRequest(), metadata=auth("alice")
         )
         conversation = created.conversation.conversation_id
         await a1.AddMember(
-            pb.AddMemberRequest(conversation_id=conversation, user_id="bob", role=pb.ROLE_MEMBER),
+            pb.AddMemberRequest(conversation_id=conversation, user_id="bob", role=bob_role),
             metadata=auth("alice"),
         )
+        yield conversation, a1, a2, b
+
+
+async def test_two_users_three_devices_see_the_conversation_in_order(
+    server: TokenStreamServer,
+) -> None:
+    async with three_devices(server, bob_role=pb.ROLE_MEMBER) as (conversation, a1, a2, b):
         watchers = [
             asyncio.create_task(watch_until(a2, "alice", conversation, 0, "stream_ended")),
             asyncio.create_task(watch_until(b, "bob", conversation, 0, "stream_ended")),
@@ -278,22 +291,7 @@ async def stored(stub: TokenStreamServiceAsyncStub, stream_id: str) -> pb.Turn:
 async def test_with_tokens_two_users_three_devices_mirror_the_chat(
     server: TokenStreamServer,
 ) -> None:
-    async with (
-        grpc.aio.insecure_channel(server.address) as device1,
-        grpc.aio.insecure_channel(server.address) as device2,
-        grpc.aio.insecure_channel(server.address) as bobs_phone,
-    ):
-        a1 = pb_grpc.TokenStreamServiceStub(device1)
-        a2 = pb_grpc.TokenStreamServiceStub(device2)
-        b = pb_grpc.TokenStreamServiceStub(bobs_phone)
-        created = await a1.CreateConversation(
-            pb.CreateConversationRequest(), metadata=auth("alice")
-        )
-        conversation = created.conversation.conversation_id
-        await a1.AddMember(
-            pb.AddMemberRequest(conversation_id=conversation, user_id="bob", role=pb.ROLE_VIEWER),
-            metadata=auth("alice"),
-        )
+    async with three_devices(server, bob_role=pb.ROLE_VIEWER) as (conversation, a1, a2, b):
         watchers = [
             asyncio.create_task(mirror(a2, "alice", conversation, Mirror())),
             asyncio.create_task(mirror(b, "bob", conversation, Mirror())),

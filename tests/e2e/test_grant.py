@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.e2e.conftest import run_tokenstream as run_cli
 from tests.e2e.grpc_helpers import read_all
-from tests.e2e.test_purge import run_cli
 from tokenstream.server import ServerConfig, create_server
 from tokenstream.server.auth import AuthSettings
 from tokenstream.v1 import tokenstream_pb2 as pb

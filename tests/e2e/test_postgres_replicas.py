@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from tests.e2e.conftest import ServerProcess
+from tests.e2e.conftest import run_tokenstream as run_cli
 from tests.e2e.grpc_helpers import read_all
-from tests.e2e.test_purge import run_cli
 from tokenstream.client import Chunk, StreamEnd, TokenStreamClient
 from tokenstream.server import ServerConfig, TokenStreamServer, create_server
 from tokenstream.server.models.synthetic import synthetic_tokens

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 
 from tests.conftest import RunningServer
+from tests.e2e.conftest import run_tokenstream as run_cli
 from tests.e2e.grpc_helpers import read_all
 from tokenstream.v1 import tokenstream_pb2 as pb
-
-TOKENSTREAM = str(Path(sys.executable).with_name("tokenstream"))
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        TOKENSTREAM, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_purge_deletes_finished_streams_but_not_running_ones(

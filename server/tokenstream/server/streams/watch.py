@@ -92,7 +92,7 @@ class ConversationWatch:
                     # before from_event_seq (its prompt event is older than the listing).
                     for stream_id in active:
                         if stream_id not in self._announced and stream_id not in self._ended:
-                            self._following.setdefault(stream_id, self._resume_at.get(stream_id, 0))
+                            self._follow(stream_id)
                 # (A from_event_seq past the head waits for events; streams running now
                 # are followed only if their end falls in the watched range.)
                 self._found_earlier_streams = True
@@ -126,7 +126,7 @@ class ConversationWatch:
                 if batch:
                     yield EventBatch(batch)
                     batch = []
-                self._following.setdefault(stream_id, self._resume_at.get(stream_id, 0))
+                self._follow(stream_id)
                 final_seq = event.data.get("final_seq", -1)
                 assert isinstance(final_seq, int)
                 while self._following[stream_id] <= final_seq:
@@ -145,9 +145,13 @@ class ConversationWatch:
             if self._include_tokens and event.kind == "prompt_submitted":
                 if not self._found_earlier_streams:
                     self._announced.add(stream_id)
-                self._following.setdefault(stream_id, self._resume_at.get(stream_id, 0))
+                self._follow(stream_id)
         if batch:
             yield EventBatch(batch)
+
+    def _follow(self, stream_id: str) -> None:
+        """Starts sending the stream's tokens, from where the watcher said it stands."""
+        self._following.setdefault(stream_id, self._resume_at.get(stream_id, 0))
 
     async def _new_chunks(self, stream_id: str, *, from_store: bool = False) -> list[Chunk]:
         """The stream's durable tokens not sent yet: from this process's memory when it

@@ -38,7 +38,7 @@ async def start_replica(postgres_url: str) -> AsyncIterator[StartReplica]:
             database_url=postgres_url,
             token_rate=200.0,
             shutdown_grace=0.5,
-            engine=EngineSettings(flush_interval=0.002, store_poll_interval=0.05),
+            engine=EngineSettings(flush_interval=0.002, store_poll_interval=30.0),  # notices do it
         )
         server, _ = await create_server(config)
         await server.start()

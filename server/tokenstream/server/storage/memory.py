@@ -20,6 +20,7 @@ from tokenstream.server.domain import (
 )
 from tokenstream.server.storage.errors import AlreadyExists, NotFound
 from tokenstream.server.storage.repository import (
+    ChangeHandler,
     CommitResult,
     NewEvent,
     NewStream,
@@ -55,6 +56,9 @@ class MemoryStreamRepository:
         self.commits = 0  # visible to tests: how many group commits reached the store
         # Tests set this to make the next commit fail once (a transient database error).
         self.fail_next_commit: Exception | None = None
+
+    async def listen(self, on_change: ChangeHandler) -> bool:
+        return False  # one process: it knows its own writes
 
     async def close(self) -> None:
         pass

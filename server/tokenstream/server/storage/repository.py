@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -140,6 +140,29 @@ class CommitResult:
     created: dict[str, StreamRecord | StorageError] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class StoreChange:
+    """What another process wrote (see `StreamRepository.listen`): enough to wake readers.
+
+    `tokens` maps streams given new tokens to their stored head seq; `ended` are streams
+    that reached a terminal state; `conversations` are those with new events or with new
+    tokens in one of their streams.
+    """
+
+    tokens: dict[str, int] = field(default_factory=dict)
+    ended: frozenset[str] = frozenset()
+    conversations: frozenset[str] = frozenset()
+
+    @property
+    def streams(self) -> set[str]:
+        return set(self.tokens) | self.ended
+
+
+# Called with each change another process made; None when changes may have been missed
+# (the listener lost its connection): every reader should look again.
+ChangeHandler = Callable[[StoreChange | None], None]
+
+
 class StreamRepository(Protocol):
     async def create_stream(self, new: NewStream) -> StreamRecord:
         """Creates the stream (and its conversation if new).
@@ -248,6 +271,14 @@ class StreamRepository(Protocol):
     ) -> tuple[list[ConversationEvent], int]:
         """Events from `from_seq` on (at most `limit`), and the newest event's seq (-1 for
         none). Raises NotFound."""
+        ...
+
+    async def listen(self, on_change: ChangeHandler) -> bool:
+        """Starts reporting other processes' writes to `on_change`, until `close()`.
+
+        False when this store cannot tell (one process per store, or no notification
+        channel): then other processes' writes are found only by reading.
+        """
         ...
 
     async def close(self) -> None: ...

@@ -41,6 +41,7 @@ from tokenstream.server.storage import errors as storage_errors
 from tokenstream.server.storage.repository import (
     NewStream,
     PurgeResult,
+    StoreChange,
     StreamRepository,
     WriteBatch,
 )
@@ -50,11 +51,17 @@ from tokenstream.server.streams._store import (
     guarded,
     stream_not_found,
 )
+from tokenstream.server.streams.changes import ChangeFeed
 from tokenstream.server.streams.events import (
     StreamEvent,
     WatchEvent,
 )
-from tokenstream.server.streams.generation import CANCELLED, SHUTDOWN, Generations
+from tokenstream.server.streams.generation import (
+    CANCELLED,
+    ENDED_ELSEWHERE,
+    SHUTDOWN,
+    Generations,
+)
 from tokenstream.server.streams.leases import INTERRUPTED, LeaseKeeper
 from tokenstream.server.streams.pagination import decode_page_token, encode_page_token
 from tokenstream.server.streams.settings import EngineSettings
@@ -127,16 +134,20 @@ class StreamEngine:
         self._generations = Generations(
             self._writer, settings.stall_timeout, settings.live_tail_tokens
         )
+        # Wakes readers of streams and conversations changed here or (notified) elsewhere.
+        self._changes = ChangeFeed()
+        self._writer.on_commit = self._changes.publish
         self._leases = LeaseKeeper(
-            repository, settings.lease_ttl, lambda: list(self._generations.live)
+            repository,
+            settings.lease_ttl,
+            lambda: list(self._generations.live),
+            # Rare (a replica died): every reader here looks rather than a lookup of whose.
+            on_ended=lambda _ids: self._changes.publish_everything(),
         )
         self._subscribers: Counter[str] = Counter()
         self._reserved_total = 0
         self._reserved_by: Counter[str] = Counter()
         self._creating: set[asyncio.Future[Submission]] = set()
-        # Set (and replaced) whenever something was committed: conversation watchers wake.
-        self._committed = asyncio.Event()
-        self._writer.on_commit = self._note_commit
         self._retention: asyncio.Task[None] | None = None
         self._accepting = False
 
@@ -155,6 +166,12 @@ class StreamEngine:
             interrupted = await self._leases.sweep()
         if interrupted:
             log.warning("ended %d interrupted stream(s) from an earlier run", len(interrupted))
+        if not await self._repository.listen(self._on_store_change) and not self._sole_writer:
+            log.warning(
+                "this store sends no change notices: other servers' tokens are found by "
+                "polling every %g s",
+                self.settings.store_poll_interval,
+            )
         self._writer.start()
         self._leases.start()
         if self.settings.retention_days is not None:
@@ -356,16 +373,18 @@ class StreamEngine:
         if live is None:
             if record.state.is_terminal:
                 return record
-            return await self._cancel_in_store(stream_id)
+            return await self._cancel_in_store(record)
         live.request_stop(CANCELLED)
         return await live.wait_ended()
 
-    async def _cancel_in_store(self, stream_id: str) -> StreamRecord:
-        """Cancels a stream generated elsewhere: its generator sees it at its next commit."""
+    async def _cancel_in_store(self, record: StreamRecord) -> StreamRecord:
+        """Cancels a stream generated elsewhere. Its server hears of it from the store's
+        notice (or at its next commit, which the store refuses) and stops generating."""
+        stream_id = record.stream_id
         result = await guarded(
             self._repository.commit(WriteBatch(at=_now(), endings=[(stream_id, CANCELLED)]))
         )
-        self._note_commit()  # its stream_ended event is stored: watchers here look now
+        self._changes.publish([stream_id], [record.conversation_id])  # readers here look now
         return result.terminal.get(stream_id) or await get_record(self._repository, stream_id)
 
     # -- reads ---------------------------------------------------------------------------
@@ -437,7 +456,12 @@ class StreamEngine:
         self._subscribers[stream_id] += 1
         try:
             subscription = Subscription(
-                self._repository, self._generations, self.settings, stream_id, from_seq
+                self._repository,
+                self._generations,
+                self._changes,
+                self.settings,
+                stream_id,
+                from_seq,
             )
             async for event in subscription.events():
                 yield event
@@ -490,7 +514,7 @@ class StreamEngine:
             added = await guarded(
                 self._repository.set_member(conversation_id, member, role, _now(), user)
             )
-            self._note_commit()
+            self._changes.publish(conversations=[conversation_id])
             return added
         except storage_errors.NotFound as exc:
             raise conversation_not_found(conversation_id) from exc
@@ -502,7 +526,7 @@ class StreamEngine:
         await self._require(conversation_id, user, Role.OWNER if member != user else Role.VIEWER)
         await self._keep_an_owner(conversation_id, member)
         removed = await guarded(self._repository.remove_member(conversation_id, member, user))
-        self._note_commit()
+        self._changes.publish(conversations=[conversation_id])
         if not removed:
             raise NotFound(
                 f"{member} is not a member of conversation {conversation_id}",
@@ -597,14 +621,25 @@ class StreamEngine:
             from_event_seq,
             include_tokens=include_tokens,
             from_seq_by_stream=resume_at,
-            committed=lambda: self._committed,
+            changes=self._changes,
             check_access=lambda: self._require(conversation_id, user, Role.VIEWER),
         )
         return watch.events()
 
-    def _note_commit(self) -> None:
-        self._committed.set()
-        self._committed = asyncio.Event()
+    # -- other servers' writes ------------------------------------------------------------
+
+    def _on_store_change(self, change: StoreChange | None) -> None:
+        """Another process wrote to the store (None: it may have, unseen): readers look."""
+        if change is None:
+            self._changes.publish_everything()
+            return
+        self._changes.publish(change.streams, change.conversations)
+        for stream_id in change.ended:
+            live = self._generations.live.get(stream_id)
+            if live is not None:
+                # Ended through the store (a cancel on another server): stop generating now
+                # rather than at the next commit, which the store would refuse anyway.
+                live.request_stop(ENDED_ELSEWHERE)
 
     # -- retention -----------------------------------------------------------------------
 

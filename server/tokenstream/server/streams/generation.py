@@ -14,6 +14,13 @@ from tokenstream.server.streams.writer import BatchWriter
 log = logging.getLogger(__name__)
 
 CANCELLED = Ending(StreamState.CANCELLED)
+# Stops a generation whose stream another server already ended in the store; the ending
+# stored there is the one that counts (the first ending wins), this one is never written.
+ENDED_ELSEWHERE = Ending(
+    StreamState.FAILED,
+    "ended_elsewhere",
+    "another server ended this stream while it was generating here",
+)
 SHUTDOWN = Ending(
     StreamState.FAILED,
     EndReason.SHUTDOWN,

@@ -26,10 +26,15 @@ INTERRUPTED = Ending(
 
 class LeaseKeeper:
     def __init__(
-        self, repository: StreamRepository, ttl: float, generating: Callable[[], list[str]]
+        self,
+        repository: StreamRepository,
+        ttl: float,
+        generating: Callable[[], list[str]],
+        on_ended: Callable[[list[str]], None] = lambda _ids: None,
     ) -> None:
         self._repository = repository
         self._generating = generating  # ids of the streams this server is generating
+        self._on_ended = on_ended  # told which streams a sweep ended
         self.ttl = ttl
         # Names this server process in the store (a new one every start).
         self.owner_id = f"srv_{uuid.uuid4().hex}"
@@ -52,6 +57,7 @@ class LeaseKeeper:
         ended = await self._repository.end_expired_leases(datetime.now(UTC), INTERRUPTED)
         if ended:
             log.warning("ended %d stream(s) whose server stopped renewing them", len(ended))
+            self._on_ended(ended)
         return ended
 
     async def _run(self) -> None:

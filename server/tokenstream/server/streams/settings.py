@@ -25,8 +25,10 @@ class EngineSettings:
     max_tokens_limit: int = 32_768
     # Largest prompt accepted (UTF-8 bytes).
     max_prompt_bytes: int = 64 * 1024
-    # How often a subscriber re-reads the store for a stream generated elsewhere (seconds).
-    store_poll_interval: float = 0.25
+    # A reader of a stream or conversation changed by another process is woken by the store's
+    # notice (PostgreSQL); it also re-reads this often (seconds) in case a notice was lost,
+    # and stores that send none rely on it alone.
+    store_poll_interval: float = 1.0
     # History page size when the request leaves it at 0, and the largest allowed.
     default_page_size: int = 50
     max_page_size: int = 1000

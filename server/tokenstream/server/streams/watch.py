@@ -12,6 +12,7 @@ from tokenstream.server.errors import NotFound
 from tokenstream.server.storage import errors as storage_errors
 from tokenstream.server.storage.repository import StreamRepository
 from tokenstream.server.streams._store import conversation_not_found, guarded, stored_chunks
+from tokenstream.server.streams.changes import ChangeFeed
 from tokenstream.server.streams.events import EventBatch, StreamTokens, WatchEvent, WatchHeartbeat
 from tokenstream.server.streams.generation import Generations
 from tokenstream.server.streams.settings import EngineSettings
@@ -41,7 +42,7 @@ class ConversationWatch:
         *,
         include_tokens: bool = False,
         from_seq_by_stream: Mapping[str, int] | None = None,
-        committed: Callable[[], asyncio.Event],
+        changes: ChangeFeed,
         check_access: Callable[[], Awaitable[object]],
     ) -> None:
         self._repository = repository
@@ -51,7 +52,7 @@ class ConversationWatch:
         self._seq = from_event_seq
         self._include_tokens = include_tokens
         self._resume_at = dict(from_seq_by_stream or {})
-        self._committed = committed
+        self._changes = changes
         self._check_access = check_access
         # Streams whose tokens are being sent: stream id -> next seq to send.
         self._following: dict[str, int] = {}
@@ -72,7 +73,8 @@ class ConversationWatch:
                 # watch ends within a heartbeat interval however much it is sent.
                 await self._check_access()
                 last_checked = loop.time()
-            committed = self._committed()  # taken before reading, so no commit is missed
+            # Taken before reading, so no change is missed.
+            changed = self._changes.conversation(self._conversation_id)
             active = (
                 None
                 if self._found_earlier_streams
@@ -109,10 +111,11 @@ class ConversationWatch:
                 yield WatchHeartbeat(head, datetime.now(UTC))
                 last_sent = loop.time()
             quiet_left = heartbeat_interval - (loop.time() - last_sent)
-            # Commits here wake us at once; another replica's are found by polling.
+            # Woken by this conversation's changes, here or (notified) on another replica;
+            # the poll only covers a lost notification.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(quiet_left, self._settings.store_poll_interval)):
-                    await committed.wait()
+                    await changed.wait()
 
     async def _deliver(
         self, events: list[ConversationEvent]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -71,8 +71,9 @@ class BatchWriter:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        # Called after every successful commit (e.g. to wake conversation watchers).
-        self.on_commit: Callable[[], None] = lambda: None
+        # Called after each commit, once memory is up to date, with the streams it wrote
+        # and their conversations (to wake readers that are not following a LiveStream).
+        self.on_commit: Callable[[list[str], set[str]], None] = lambda _s, _c: None
         self._deadline: float | None = None  # set when stopping: give up retrying after it
         self._closing = False  # exit once nothing is pending
         self._task: asyncio.Task[None] | None = None
@@ -165,7 +166,7 @@ class BatchWriter:
                     result = await self._repository.commit(self._write_batch(batch, creations))
                 self._apply(batch, result.terminal)
                 _settle(creations, result)
-                self.on_commit()
+                self._announce([new for new, _ in creations])
                 failures = 0
                 continue
             except Exception as exc:
@@ -282,6 +283,12 @@ class BatchWriter:
             self._finish(live, record)
         if self.has_room:
             self._room.set()
+        self._announce(live.record for live in batch)
+
+    def _announce(self, written: Iterable[StreamRecord | NewStream]) -> None:
+        items = list(written)
+        if items:
+            self.on_commit([i.stream_id for i in items], {i.conversation_id for i in items})
 
     def _publish_tokens(self, live: LiveStream, tokens: list[str]) -> None:
         if tokens:
@@ -304,6 +311,7 @@ class BatchWriter:
             if stored:
                 self._publish_tokens(live, pending.tokens[:stored])
                 pending.tokens = pending.tokens[stored:]
+                self._announce([live.record])
             if record.state.is_terminal:
                 self._pending_tokens -= len(pending.tokens)
                 self._finish(live, record)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -35,6 +36,7 @@ from tokenstream.server.storage.errors import (
     StorageUnavailable,
 )
 from tokenstream.server.storage.repository import (
+    ChangeHandler,
     CommitResult,
     NewEvent,
     NewStream,
@@ -46,6 +48,13 @@ from tokenstream.server.storage.repository import (
     member_removed_event,
 )
 from tokenstream.server.storage.sql.database import WRITE_OPTION
+from tokenstream.server.storage.sql.notify import (
+    CHANNEL,
+    ChangeCollector,
+    ChangeListener,
+    asyncpg_dsn,
+    encode,
+)
 from tokenstream.server.storage.sql.schema import (
     conversation_events,
     conversations,
@@ -147,10 +156,13 @@ def _owner_rows(creations: Sequence[NewStream]) -> list[dict[str, Any]]:
     ]
 
 
-async def _append_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
+async def _append_events(
+    conn: AsyncConnection, events: Sequence[NewEvent], changes: ChangeCollector
+) -> None:
     """Numbers events after each conversation's newest one and stores them."""
     if not events:
         return
+    changes.conversations.update(e.conversation_id for e in events)
     heads: dict[str, int] = {}
     rows = []
     # PostgreSQL: a writer holds its conversations' rows until it commits, so two replicas
@@ -194,15 +206,31 @@ class SqlStreamRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._inflight: set[asyncio.Future[Any]] = set()
+        postgres = engine.dialect.name == "postgresql"
+        # PostgreSQL: writes tell other processes what changed (see notify.py), signed with
+        # this repository's name so that its own listener skips them.
+        self._notifies = postgres
+        self._origin = uuid.uuid4().hex[:16]
+        self._listener: ChangeListener | None = None
         # A read of several statements must see one snapshot: SQLite's explicit BEGIN gives
         # that; PostgreSQL needs REPEATABLE READ (read-only, so it never fails to serialize).
         self._read_options: dict[str, Any] = (
-            {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
-            if engine.dialect.name == "postgresql"
-            else {}
+            {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True} if postgres else {}
         )
 
+    async def listen(self, on_change: ChangeHandler) -> bool:
+        if not self._notifies:
+            return False  # SQLite: one process per database file
+        if self._listener is None:
+            url = self._engine.url.render_as_string(hide_password=False)
+            self._listener = ChangeListener(asyncpg_dsn(url), self._origin, on_change)
+            await self._listener.start()
+        return True
+
     async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         if self._inflight:  # calls whose callers were cancelled: let them return connections
             await asyncio.wait(set(self._inflight), timeout=10)
         await self._engine.dispose()
@@ -217,25 +245,38 @@ class SqlStreamRepository:
                 yield conn
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction, holding the write lock from its start on SQLite."""
+    async def _write(
+        self, changes: ChangeCollector | None = None
+    ) -> AsyncIterator[AsyncConnection]:
+        """A write transaction, holding the write lock from its start on SQLite.
+
+        What the body records in `changes` is announced to other processes as the
+        transaction commits (PostgreSQL NOTIFY is delivered at commit, and only then).
+        """
         async with _unavailable_on_outage(), self._engine.connect() as conn:
             await conn.execution_options(**{WRITE_OPTION: True})
             async with conn.begin():
                 yield conn
+                if changes and self._notifies:
+                    for payload in encode(self._origin, changes):
+                        await conn.execute(
+                            text("SELECT pg_notify(:channel, :payload)"),
+                            {"channel": CHANNEL, "payload": payload},
+                        )
 
     @_finish_even_if_cancelled
     async def create_stream(self, new: NewStream) -> StreamRecord:
+        changes = ChangeCollector()
         try:
-            async with self._write() as conn:
-                await self._create(conn, new)
+            async with self._write(changes) as conn:
+                await self._create(conn, new, changes)
         except sa_exc.IntegrityError as exc:
             raise AlreadyExists(new.request_id or new.stream_id) from exc
         return new.record()
 
     @classmethod
     async def _create_many(
-        cls, conn: AsyncConnection, creations: list[NewStream]
+        cls, conn: AsyncConnection, creations: list[NewStream], changes: ChangeCollector
     ) -> dict[str, StreamRecord | StorageError]:
         """Creates many streams with a few statements; one that fails fails alone."""
         named = {new.conversation_id for new in creations if not new.new_conversation}
@@ -270,7 +311,7 @@ class SqlStreamRepository:
                     await conn.execute(insert(members), owners)
                 if valid:
                     await conn.execute(insert(streams), [_stream_row(n) for n in valid])
-                    await _append_events(conn, [e for n in valid for e in n.events()])
+                    await _append_events(conn, [e for n in valid for e in n.events()], changes)
         except sa_exc.DBAPIError as exc:
             if _is_outage(exc):
                 raise
@@ -279,7 +320,7 @@ class SqlStreamRepository:
             for new in valid:
                 try:
                     async with conn.begin_nested():
-                        await cls._create(conn, new)
+                        await cls._create(conn, new, changes)
                     outcome[new.stream_id] = new.record()
                 except NotFound as missing:
                     outcome[new.stream_id] = missing
@@ -294,7 +335,7 @@ class SqlStreamRepository:
         return outcome
 
     @classmethod
-    async def _create(cls, conn: AsyncConnection, new: NewStream) -> None:
+    async def _create(cls, conn: AsyncConnection, new: NewStream, changes: ChangeCollector) -> None:
         if new.new_conversation:
             await conn.execute(
                 insert(conversations).values(
@@ -306,7 +347,7 @@ class SqlStreamRepository:
         elif not await cls._conversation_exists(conn, new.conversation_id):
             raise NotFound(new.conversation_id)
         await conn.execute(insert(streams).values(**_stream_row(new)))
-        await _append_events(conn, new.events())
+        await _append_events(conn, new.events(), changes)
 
     @_finish_even_if_cancelled
     async def get_stream(self, stream_id: str) -> StreamRecord:
@@ -339,21 +380,20 @@ class SqlStreamRepository:
         touched.update(stream_id for stream_id, _ in batch.endings)
         result = CommitResult()
         terminal = result.terminal
-        async with self._write() as conn:
+        changes = ChangeCollector()
+        async with self._write(changes) as conn:
             if not touched:
                 if batch.creations:
-                    result.created = await self._create_many(conn, batch.creations)
+                    result.created = await self._create_many(conn, batch.creations, changes)
                 return result
-            active = set(
-                (
-                    await conn.scalars(
-                        select(streams.c.stream_id)
-                        .where(streams.c.stream_id.in_(touched), streams.c.state.in_(_ACTIVE))
-                        .order_by(streams.c.id)  # one lock order everywhere: no deadlocks
-                        .with_for_update()  # PostgreSQL: no other replica ends them meanwhile
-                    )
-                ).all()
+            locked = await conn.execute(
+                select(streams.c.stream_id, streams.c.conversation_id)
+                .where(streams.c.stream_id.in_(touched), streams.c.state.in_(_ACTIVE))
+                .order_by(streams.c.id)  # one lock order everywhere: no deadlocks
+                .with_for_update()  # PostgreSQL: no other replica ends them meanwhile
             )
+            conversation_of: dict[str, str] = {row[0]: row[1] for row in locked}
+            active = set(conversation_of)
             rows = [
                 {
                     "stream_id": stream_id,
@@ -367,9 +407,13 @@ class SqlStreamRepository:
             ]
             if rows:
                 await conn.execute(insert(token_runs), rows)
+                for stream_id, run in batch.runs:
+                    if stream_id in active:
+                        changes.tokens[stream_id] = run.end_seq
+                        changes.conversations.add(conversation_of[stream_id])
             for stream_id, ending in batch.endings:
                 if stream_id in active:
-                    await self._end_stream(conn, stream_id, ending, batch.at)
+                    await self._end_stream(conn, stream_id, ending, batch.at, changes)
                     active.discard(stream_id)
             for stream_id in touched - active:
                 row = (
@@ -381,7 +425,7 @@ class SqlStreamRepository:
                     terminal[stream_id] = await self._record(conn, row)
             # Last: locks are taken streams first, then conversations, in every transaction.
             if batch.creations:
-                result.created = await self._create_many(conn, batch.creations)
+                result.created = await self._create_many(conn, batch.creations, changes)
         return result
 
     @_finish_even_if_cancelled
@@ -444,7 +488,8 @@ class SqlStreamRepository:
 
     @_finish_even_if_cancelled
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
-        async with self._write() as conn:
+        changes = ChangeCollector()
+        async with self._write(changes) as conn:
             ids = (
                 await conn.scalars(
                     select(streams.c.stream_id)
@@ -454,7 +499,7 @@ class SqlStreamRepository:
                 )
             ).all()
             for stream_id in ids:
-                await self._end_stream(conn, stream_id, ending, at)
+                await self._end_stream(conn, stream_id, ending, at, changes)
             return list(ids)
 
     @_finish_even_if_cancelled
@@ -482,7 +527,8 @@ class SqlStreamRepository:
 
     @_finish_even_if_cancelled
     async def end_expired_leases(self, now: datetime, ending: Ending) -> list[str]:
-        async with self._write() as conn:
+        changes = ChangeCollector()
+        async with self._write(changes) as conn:
             ids = (
                 await conn.scalars(
                     select(streams.c.stream_id)
@@ -495,7 +541,7 @@ class SqlStreamRepository:
                 )
             ).all()
             for stream_id in ids:
-                await self._end_stream(conn, stream_id, ending, now)
+                await self._end_stream(conn, stream_id, ending, now, changes)
             return list(ids)
 
     @_finish_even_if_cancelled
@@ -588,7 +634,8 @@ class SqlStreamRepository:
         at: datetime,
         actor: str | None = None,
     ) -> Member:
-        async with self._write() as conn:
+        changes = ChangeCollector()
+        async with self._write(changes) as conn:
             if not await self._conversation_exists(conn, conversation_id):
                 raise NotFound(conversation_id)
             changed = await conn.execute(
@@ -606,7 +653,7 @@ class SqlStreamRepository:
                     )
                 )
             await _append_events(
-                conn, [member_added_event(conversation_id, user_id, role, at, actor)]
+                conn, [member_added_event(conversation_id, user_id, role, at, actor)], changes
             )
             return Member(user_id, role, at)
 
@@ -614,7 +661,8 @@ class SqlStreamRepository:
     async def remove_member(
         self, conversation_id: str, user_id: str, actor: str | None = None
     ) -> bool:
-        async with self._write() as conn:
+        changes = ChangeCollector()
+        async with self._write(changes) as conn:
             removed = await conn.execute(
                 delete(members).where(
                     members.c.conversation_id == conversation_id, members.c.user_id == user_id
@@ -623,7 +671,7 @@ class SqlStreamRepository:
             if not removed.rowcount:
                 return False
             event = member_removed_event(conversation_id, user_id, datetime.now(UTC), actor)
-            await _append_events(conn, [event])
+            await _append_events(conn, [event], changes)
             return True
 
     @_finish_even_if_cancelled
@@ -691,7 +739,12 @@ class SqlStreamRepository:
         return [TokenRun(r.start_seq, r.text, decode_ends(r.token_ends)) for r in rows]
 
     async def _end_stream(
-        self, conn: AsyncConnection, stream_id: str, ending: Ending, at: datetime
+        self,
+        conn: AsyncConnection,
+        stream_id: str,
+        ending: Ending,
+        at: datetime,
+        changes: ChangeCollector,
     ) -> None:
         """Ends an active stream and compacts its runs into the stream row."""
         full = join_runs(await self._all_runs(conn, stream_id))
@@ -713,8 +766,9 @@ class SqlStreamRepository:
             .returning(streams.c.conversation_id)
         )
         await conn.execute(delete(token_runs).where(token_runs.c.stream_id == stream_id))
+        changes.ended.add(stream_id)
         await _append_events(
-            conn, [ending_event(str(conversation_id), stream_id, ending, final_seq, at)]
+            conn, [ending_event(str(conversation_id), stream_id, ending, final_seq, at)], changes
         )
 
     @staticmethod

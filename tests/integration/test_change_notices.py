@@ -1,0 +1,163 @@
+"""Change notices between repositories sharing one PostgreSQL database (LISTEN/NOTIFY)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from tokenstream.server.domain import Ending, Role, StreamState, TokenRun
+from tokenstream.server.storage.errors import NotFound
+from tokenstream.server.storage.repository import NewStream, StoreChange, WriteBatch
+from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
+from tokenstream.server.storage.sql.notify import (
+    APPLICATION_NAME,
+    ChangeCollector,
+    asyncpg_dsn,
+    decode,
+    encode,
+)
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+CONV = "conv_" + "n" * 26
+
+
+def new_stream(n: int, conversation_id: str = CONV, *, new: bool = False) -> NewStream:
+    return NewStream(
+        stream_id=f"strm_{'b' * 25}{n:05d}",
+        conversation_id=conversation_id,
+        new_conversation=new,
+        prompt=f"prompt {n}",
+        model="echo",
+        max_tokens=100,
+        request_id=None,
+        request_hash=None,
+        created_at=NOW,
+    )
+
+
+class Heard:
+    """What one repository's listener reported, to wait on."""
+
+    def __init__(self) -> None:
+        self.changes: list[StoreChange | None] = []
+        self._arrived = asyncio.Event()
+
+    def __call__(self, change: StoreChange | None) -> None:
+        self.changes.append(change)
+        self._arrived.set()
+
+    async def next(self) -> StoreChange | None:
+        async with asyncio.timeout(5):
+            while not self.changes:
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self.changes.pop(0)
+
+
+@pytest.fixture
+async def pair(postgres_url: str) -> AsyncIterator[tuple[SqlStreamRepository, SqlStreamRepository]]:
+    """Two repositories (two servers, in effect) on one database."""
+    engines = [create_engine(postgres_url), create_engine(postgres_url)]
+    await upgrade_to_head(engines[0])
+    first, second = SqlStreamRepository(engines[0]), SqlStreamRepository(engines[1])
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_writes_are_announced_to_the_other_repository_only(
+    pair: tuple[SqlStreamRepository, SqlStreamRepository],
+) -> None:
+    writer, reader = pair
+    on_reader, on_writer = Heard(), Heard()
+    assert await reader.listen(on_reader)
+    assert await writer.listen(on_writer)
+
+    first = new_stream(1, new=True)
+    await writer.create_stream(first)
+    assert await on_reader.next() == StoreChange(conversations=frozenset({CONV}))
+
+    batch = WriteBatch(at=NOW, runs=[(first.stream_id, TokenRun.from_tokens(0, ["a", "b", "c"]))])
+    await writer.commit(batch)
+    assert await on_reader.next() == StoreChange(
+        tokens={first.stream_id: 2}, conversations=frozenset({CONV})
+    )
+
+    await writer.commit(
+        WriteBatch(at=NOW, endings=[(first.stream_id, Ending(StreamState.CANCELLED))])
+    )
+    assert await on_reader.next() == StoreChange(
+        ended=frozenset({first.stream_id}), conversations=frozenset({CONV})
+    )
+
+    await writer.set_member(CONV, "ada", Role.MEMBER, NOW)
+    assert await on_reader.next() == StoreChange(conversations=frozenset({CONV}))
+
+    # A write that fails is rolled back, and so is its notice.
+    with pytest.raises(NotFound):
+        await writer.create_stream(new_stream(2, "conv_" + "x" * 26))
+    await writer.remove_member(CONV, "ada")
+    assert await on_reader.next() == StoreChange(conversations=frozenset({CONV}))
+    # Its own writes are not reported back to the writer (it wakes its readers itself).
+    await asyncio.sleep(0.2)
+    assert on_writer.changes == []
+
+
+async def test_the_listener_reconnects_and_says_it_may_have_missed_changes(
+    pair: tuple[SqlStreamRepository, SqlStreamRepository], postgres_url: str
+) -> None:
+    writer, reader = pair
+    heard = Heard()
+    assert await reader.listen(heard)
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_url))
+    try:
+        terminated = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1",
+            APPLICATION_NAME,
+        )
+    finally:
+        await admin.close()
+    assert terminated == 1
+    assert await heard.next() is None  # back, and unsure what it missed
+    await writer.create_stream(new_stream(3, new=True))
+    assert await heard.next() == StoreChange(conversations=frozenset({CONV}))
+
+
+async def test_sqlite_sends_no_notices(tmp_path: object) -> None:
+    db = create_engine(f"sqlite+aiosqlite:///{tmp_path}/store.db")
+    repository = SqlStreamRepository(db)
+    try:
+        assert not await repository.listen(Heard())
+    finally:
+        await repository.close()
+
+
+def test_large_changes_are_split_into_payloads_postgresql_accepts() -> None:
+    changes = ChangeCollector(
+        tokens={f"strm_{i:031d}": i for i in range(700)},
+        ended={f"strm_{i:031d}" for i in range(500, 900)},
+        conversations={f"conv_{i:026d}" for i in range(300)},
+    )
+    payloads = encode("origin", changes)
+    assert len(payloads) > 1
+    assert all(len(p.encode()) < 8000 for p in payloads)
+    decoded = [decode(p) for p in payloads]
+    assert {origin for origin, _ in decoded} == {"origin"}
+    tokens: dict[str, int] = {}
+    for _, change in decoded:
+        tokens.update(change.tokens)
+    assert tokens == changes.tokens
+    assert set().union(*(c.ended for _, c in decoded)) == changes.ended
+    assert set().union(*(c.conversations for _, c in decoded)) == changes.conversations
+
+
+@pytest.mark.parametrize("payload", ["", "[]", json.dumps({"t": {}}), "{not json"])
+def test_foreign_payloads_are_refused(payload: str) -> None:
+    with pytest.raises(ValueError, match="not a change notice"):
+        decode(payload)

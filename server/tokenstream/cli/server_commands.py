@@ -18,6 +18,7 @@ from tokenstream.server.auth import AuthSettings
 from tokenstream.server.config import DEFAULT_DATABASE_URL, ServerConfig
 from tokenstream.server.domain import CancelPolicy
 from tokenstream.server.storage.repository import StreamRepository
+from tokenstream.server.storage.sql.database import DatabaseSettings
 
 T = TypeVar("T")
 
@@ -175,6 +176,27 @@ def _security_options(command: Callable[..., Any]) -> Callable[..., Any]:
     help="Who may cancel a stream: its author or owners, owners only, or any member.",
 )
 @click.option(
+    "--db-pool-size",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="PostgreSQL: connections kept open.",
+)
+@click.option(
+    "--db-max-overflow",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="PostgreSQL: extra connections opened under load.",
+)
+@click.option(
+    "--db-statement-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="PostgreSQL: seconds before a statement is aborted (0: no limit).",
+)
+@click.option(
     "--shutdown-grace",
     type=click.FloatRange(min=0),
     default=5.0,
@@ -201,6 +223,9 @@ def serve(
     max_subscribers_per_stream: int,
     migrate: bool,
     cancel_policy: str,
+    db_pool_size: int,
+    db_max_overflow: int,
+    db_statement_timeout: float,
     shutdown_grace: float,
     security: _Security,
 ) -> None:
@@ -220,6 +245,11 @@ def serve(
         host=host,
         port=port,
         database_url=database_url,
+        database=DatabaseSettings(
+            pool_size=db_pool_size,
+            max_overflow=db_max_overflow,
+            statement_timeout=db_statement_timeout,
+        ),
         token_rate=token_rate,
         default_model=default_model,
         shutdown_grace=shutdown_grace,

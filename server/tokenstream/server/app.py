@@ -188,7 +188,7 @@ async def _build(
     authenticator: Authenticator | None,
     credentials: grpc.ServerCredentials | None,
 ) -> tuple[TokenStreamServer, int]:
-    db = create_engine(config.database_url)
+    db = create_engine(config.database_url, config.database)
     if config.migrate:
         await upgrade_to_head(db)
     repository = SqlStreamRepository(db)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenstream.server.auth import AuthSettings
+from tokenstream.server.storage.sql.database import DatabaseSettings
 from tokenstream.server.streams.settings import EngineSettings
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///tokenstream.db"
@@ -16,6 +17,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (tests)
     database_url: str = DEFAULT_DATABASE_URL
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     # Pace of the built-in token sources in tokens per second; 0 = as fast as possible.
     token_rate: float = 50.0
     default_model: str = "synthetic"

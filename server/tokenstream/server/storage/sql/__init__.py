@@ -2,6 +2,7 @@
 
 from tokenstream.server.storage.sql.database import (
     DatabaseInUse,
+    DatabaseSettings,
     SqliteFileLock,
     create_engine,
     is_sqlite,
@@ -11,6 +12,7 @@ from tokenstream.server.storage.sql.repository import SqlStreamRepository
 
 __all__ = [
     "DatabaseInUse",
+    "DatabaseSettings",
     "SqlStreamRepository",
     "SqliteFileLock",
     "create_engine",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+from dataclasses import dataclass
 from typing import IO, Any
 
 from sqlalchemy import event
@@ -17,12 +18,43 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def create_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url)
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    """Connections to a PostgreSQL store (an embedded SQLite file needs no tuning). The
+    defaults suit one server with thousands of readers: each call holds a connection only
+    for its own short transaction."""
+
+    # Connections kept open, and how many more may be opened under load.
+    pool_size: int = 10
+    max_overflow: int = 10
+    # Seconds a call waits for a free connection before it fails UNAVAILABLE.
+    pool_timeout: float = 10.0
+    # Seconds after which the database aborts a statement (0: no limit). The driver gives
+    # up on an unanswered statement 5 s later (a database host that vanished).
+    statement_timeout: float = 30.0
+
+
+def create_engine(url: str, settings: DatabaseSettings | None = None) -> AsyncEngine:
     if is_sqlite(url):
+        engine = create_async_engine(url)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
-    return engine
+        return engine
+    settings = settings or DatabaseSettings()
+    timeout = settings.statement_timeout
+    return create_async_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.pool_timeout,
+        # A connection the database dropped (a restart, a failover) is noticed when it is
+        # taken from the pool and replaced, instead of failing the call that drew it.
+        pool_pre_ping=True,
+        connect_args={
+            "server_settings": {"statement_timeout": str(int(timeout * 1000))},
+            "command_timeout": timeout + 5 if timeout else None,
+        },
+    )
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import asyncpg
+from sqlalchemy.engine import make_url
 
 USER = "tokenstream"
 
@@ -108,3 +109,8 @@ class PostgresCluster:
         finally:
             await conn.close()
         return self.url(name)
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The DSN asyncpg takes, for a test's own admin connection to a database."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -64,7 +64,7 @@ async def test_errors_carry_code_and_reason(server: RunningServer) -> None:
             await client.submit("hi", model="no-such-model")
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.reason == "UNKNOWN_MODEL"
-        assert info.value.metadata["available_models"] == "echo,synthetic"
+        assert info.value.metadata["available_models"] == "clock,echo,synthetic"
         with pytest.raises(TokenStreamClientError) as info:
             async for _ in client.stream("strm_" + "z" * 26):
                 pass

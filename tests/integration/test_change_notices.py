@@ -10,14 +10,13 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from tests.postgres import asyncpg_dsn
 from tokenstream.server.domain import Ending, Role, StreamState, TokenRun
-from tokenstream.server.storage.errors import NotFound
 from tokenstream.server.storage.repository import NewStream, StoreChange, WriteBatch
 from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
 from tokenstream.server.storage.sql.notify import (
     APPLICATION_NAME,
     ChangeCollector,
-    asyncpg_dsn,
     decode,
     encode,
 )
@@ -98,14 +97,49 @@ async def test_writes_are_announced_to_the_other_repository_only(
     await writer.set_member(CONV, "ada", Role.MEMBER, NOW)
     assert await on_reader.next() == StoreChange(conversations=frozenset({CONV}))
 
-    # A write that fails is rolled back, and so is its notice.
-    with pytest.raises(NotFound):
-        await writer.create_stream(new_stream(2, "conv_" + "x" * 26))
-    await writer.remove_member(CONV, "ada")
-    assert await on_reader.next() == StoreChange(conversations=frozenset({CONV}))
-    # Its own writes are not reported back to the writer (it wakes its readers itself).
-    await asyncio.sleep(0.2)
+    # Its own writes were not reported back to the writer (it wakes its readers itself):
+    # once it hears the reader's write, it has heard nothing else.
+    await reader.remove_member(CONV, "ada")
+    assert await on_writer.next() == StoreChange(conversations=frozenset({CONV}))
     assert on_writer.changes == []
+
+
+async def test_a_transaction_that_rolls_back_sends_no_notice(
+    pair: tuple[SqlStreamRepository, SqlStreamRepository],
+) -> None:
+    writer, reader = pair
+    heard = Heard()
+    assert await reader.listen(heard)
+    changes = ChangeCollector(conversations={"conv_" + "r" * 26})
+    with pytest.raises(RuntimeError):
+        async with writer._write(changes):
+            raise RuntimeError("the write fails after recording a change")
+    await writer.create_stream(new_stream(4, new=True))
+    assert await heard.next() == StoreChange(conversations=frozenset({CONV}))  # only this one
+
+
+async def listeners(url: str) -> int:
+    """Listening connections on the test's database."""
+    admin = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        found = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND datname = current_database()",
+            APPLICATION_NAME,
+        )
+        return int(found)
+    finally:
+        await admin.close()
+
+
+async def test_close_drops_the_listening_connection(
+    pair: tuple[SqlStreamRepository, SqlStreamRepository], postgres_url: str
+) -> None:
+    writer, _ = pair
+    assert await writer.listen(Heard())
+    assert await listeners(postgres_url) == 1
+    await writer.close()
+    assert await listeners(postgres_url) == 0
 
 
 async def test_the_listener_reconnects_and_says_it_may_have_missed_changes(
@@ -118,7 +152,7 @@ async def test_the_listener_reconnects_and_says_it_may_have_missed_changes(
     try:
         terminated = await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = $1",
+            "WHERE application_name = $1 AND datname = current_database()",
             APPLICATION_NAME,
         )
     finally:
@@ -127,6 +161,22 @@ async def test_the_listener_reconnects_and_says_it_may_have_missed_changes(
     assert await heard.next() is None  # back, and unsure what it missed
     await writer.create_stream(new_stream(3, new=True))
     assert await heard.next() == StoreChange(conversations=frozenset({CONV}))
+
+
+async def test_the_listener_connects_like_the_pool_does(postgres_url: str) -> None:
+    """URL options the driver takes (not database settings) reach the listener intact."""
+    url = postgres_url + "?prepared_statement_cache_size=0&command_timeout=30"
+    writer = SqlStreamRepository(create_engine(postgres_url))
+    reader = SqlStreamRepository(create_engine(url))
+    try:
+        await upgrade_to_head(writer._engine)
+        heard = Heard()
+        assert await reader.listen(heard)
+        await writer.create_stream(new_stream(5, new=True))
+        assert await heard.next() == StoreChange(conversations=frozenset({CONV}))
+    finally:
+        await writer.close()
+        await reader.close()
 
 
 async def test_sqlite_sends_no_notices(tmp_path: object) -> None:

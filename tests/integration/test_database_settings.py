@@ -8,13 +8,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.pool import QueuePool
 
+from tests.postgres import asyncpg_dsn
 from tokenstream.server.storage.sql import (
     DatabaseSettings,
     SqlStreamRepository,
     create_engine,
     upgrade_to_head,
 )
-from tokenstream.server.storage.sql.notify import asyncpg_dsn
 
 
 async def test_pool_size_and_statement_timeout_are_applied(postgres_url: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from tokenstream.cli.bench_command import bench
 from tokenstream.cli.chat import chat
 from tokenstream.cli.client_commands import cancel, follow, history, status, submit
 from tokenstream.cli.describe import describe
@@ -28,6 +29,7 @@ for command in (
     history,
     chat,
     describe,
+    bench,
 ):
     cli.add_command(command)
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from tokenstream.server.errors import InvalidArgument
 from tokenstream.server.models.base import TokenSource
+from tokenstream.server.models.clock import ClockSource
 from tokenstream.server.models.echo import EchoSource
 from tokenstream.server.models.synthetic import SyntheticSource
 
@@ -39,6 +40,7 @@ class ModelRegistry:
 def builtin_registry(tokens_per_second: float, default: str = "synthetic") -> ModelRegistry:
     return ModelRegistry(
         {
+            "clock": ClockSource(tokens_per_second),
             "echo": EchoSource(tokens_per_second),
             "synthetic": SyntheticSource(tokens_per_second),
         },

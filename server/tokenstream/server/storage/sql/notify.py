@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenstream.server.storage.repository import ChangeHandler, StoreChange
 
@@ -29,8 +31,6 @@ CHANNEL = "tokenstream_changes"
 APPLICATION_NAME = "tokenstream-listener"
 # PostgreSQL refuses payloads of 8000 bytes or more; larger notices are split.
 _MAX_PAYLOAD = 7000
-# What a lost or refused listening connection raises.
-_LOST = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 @dataclass(slots=True)
@@ -85,9 +85,12 @@ def decode(payload: str) -> tuple[str, StoreChange]:
     return data["o"], change
 
 
-def asyncpg_dsn(url: str) -> str:
-    """The libpq-style DSN asyncpg takes, from a `postgresql+asyncpg://` URL."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+def connect_args(engine: AsyncEngine) -> dict[str, Any]:
+    """What the engine's own connections are opened with (host, credentials, ssl, ...),
+    as `asyncpg.connect` arguments: the listener reaches the database the same way."""
+    _args, kwargs = engine.dialect.create_connect_args(engine.url)
+    accepted = inspect.signature(asyncpg.connect).parameters
+    return {key: value for key, value in kwargs.items() if key in accepted}
 
 
 class ChangeListener:
@@ -100,11 +103,15 @@ class ChangeListener:
     _BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 
     def __init__(
-        self, dsn: str, origin: str, on_change: ChangeHandler, check_interval: float = 5.0
+        self,
+        connect: Mapping[str, Any],
+        origin: str,
+        on_change: ChangeHandler,
+        check_interval: float = 5.0,
     ) -> None:
-        self._dsn = dsn
+        self._connect = dict(connect)
         self._origin = origin
-        self._on_change = on_change
+        self.on_change = on_change
         # How often an idle listening connection is checked; a silently dead one (no
         # reset from the network) is replaced within this many seconds.
         self._check_interval = check_interval
@@ -135,15 +142,17 @@ class ChangeListener:
         while True:
             problem: object = "the connection closed"
             try:
+                settings = {**self._connect.get("server_settings", {})}
+                settings["application_name"] = APPLICATION_NAME
                 conn = await asyncpg.connect(
-                    self._dsn, timeout=10, server_settings={"application_name": APPLICATION_NAME}
+                    **{**self._connect, "timeout": 10, "server_settings": settings}
                 )
-            except _LOST as exc:
+            except Exception as exc:  # whatever it is, keep trying
                 problem = exc
             else:
                 try:
                     await self._listen(conn, reconnected=reconnected)
-                except _LOST as exc:
+                except Exception as exc:  # lost, or refused: start over
                     problem = exc
                 finally:
                     if self._connected.is_set():  # it did listen: start backing off afresh
@@ -152,7 +161,9 @@ class ChangeListener:
                     conn.terminate()
             delay = self._BACKOFF[min(failures, len(self._BACKOFF) - 1)]
             failures += 1
-            log.warning("change listener: %s; reconnecting in %.2fs", problem, delay)
+            # Readers fall back to polling meanwhile: slower, never wrong.
+            level = logging.WARNING if failures < len(self._BACKOFF) else logging.ERROR
+            log.log(level, "change listener: %r; reconnecting in %.2fs", problem, delay)
             await asyncio.sleep(delay)
 
     async def _listen(self, conn: asyncpg.Connection, *, reconnected: bool) -> None:
@@ -163,7 +174,7 @@ class ChangeListener:
         self._connected.set()
         if reconnected:
             log.info("change listener reconnected")
-            self._on_change(None)  # what was sent meanwhile is lost: look again
+            self._tell(None)  # what was sent meanwhile is lost: look again
         while not closed.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._check_interval):
@@ -178,4 +189,10 @@ class ChangeListener:
             log.warning("ignoring a malformed change notice: %.80r", payload)
             return
         if origin != self._origin:
-            self._on_change(change)
+            self._tell(change)
+
+    def _tell(self, change: StoreChange | None) -> None:
+        try:
+            self.on_change(change)
+        except Exception:
+            log.exception("a change handler failed")

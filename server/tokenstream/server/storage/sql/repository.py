@@ -52,7 +52,7 @@ from tokenstream.server.storage.sql.notify import (
     CHANNEL,
     ChangeCollector,
     ChangeListener,
-    asyncpg_dsn,
+    connect_args,
     encode,
 )
 from tokenstream.server.storage.sql.schema import (
@@ -221,10 +221,11 @@ class SqlStreamRepository:
     async def listen(self, on_change: ChangeHandler) -> bool:
         if not self._notifies:
             return False  # SQLite: one process per database file
-        if self._listener is None:
-            url = self._engine.url.render_as_string(hide_password=False)
-            self._listener = ChangeListener(asyncpg_dsn(url), self._origin, on_change)
-            await self._listener.start()
+        if self._listener is not None:
+            self._listener.on_change = on_change  # the newest caller hears from now on
+            return True
+        self._listener = ChangeListener(connect_args(self._engine), self._origin, on_change)
+        await self._listener.start()
         return True
 
     async def close(self) -> None:
@@ -258,11 +259,12 @@ class SqlStreamRepository:
             async with conn.begin():
                 yield conn
                 if changes and self._notifies:
-                    for payload in encode(self._origin, changes):
-                        await conn.execute(
-                            text("SELECT pg_notify(:channel, :payload)"),
-                            {"channel": CHANNEL, "payload": payload},
-                        )
+                    await conn.execute(
+                        text(
+                            "SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) p"
+                        ),
+                        {"channel": CHANNEL, "payloads": encode(self._origin, changes)},
+                    )
 
     @_finish_even_if_cancelled
     async def create_stream(self, new: NewStream) -> StreamRecord:

@@ -1,0 +1,1 @@
+"""`tokenstream bench`: delivery through the real server against a bare gRPC baseline."""

@@ -1,0 +1,33 @@
+"""`clock`: short tokens that carry the time they were produced, to measure latency.
+
+Every token is " tok", except every 16th, which is " @" and the host's monotonic clock in
+nanoseconds (CLOCK_MONOTONIC is one clock for all processes on a host). A reader on the
+same host subtracts it from its own clock when the token arrives: produce -> receive.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+
+from tokenstream.server.models.base import GenerationRequest, Pacer
+
+STAMP_EVERY = 16
+_STAMP = re.compile(r"@(\d+)")
+
+
+def stamps(text: str) -> list[int]:
+    """The production times (monotonic ns) stamped in `text`."""
+    return [int(found) for found in _STAMP.findall(text)]
+
+
+class ClockSource:
+    def __init__(self, tokens_per_second: float = 0.0) -> None:
+        self._rate = tokens_per_second
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        pacer = Pacer(self._rate)
+        for index in range(request.max_tokens):
+            await pacer.wait(index)
+            yield f" @{time.monotonic_ns()}" if index % STAMP_EVERY == 0 else " tok"

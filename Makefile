@@ -13,7 +13,7 @@ GEN_FLAGS = -Iprotos --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --
 TS_DIR   := clients/typescript
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 
-.PHONY: venv system-packages run test lint generate check-generated buf-lint pytest ts-check clean
+.PHONY: venv system-packages run test lint generate check-generated buf-lint pytest ts-check bench clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ run: $(STAMP)
 
 ## test: lint, generated-code drift check, TypeScript type check, and the whole test suite
 test: system-packages lint check-generated ts-check pytest
+
+## bench: the delivery benchmark on the baseline, SQLite and PostgreSQL (tables; bench-results.json)
+bench: $(STAMP) system-packages
+	$(BIN)/python -m benchmarks.run --json bench-results.json
 
 ## system-packages: the Debian packages the tests need (Node.js, PostgreSQL), if missing
 system-packages:

@@ -45,7 +45,9 @@ def _free_port() -> int:
 class PostgresCluster:
     """One postmaster on 127.0.0.1 with fsync off; databases are created per test."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        # Tests trade durability for speed; a benchmark keeps PostgreSQL's defaults.
+        self.durable = durable
         self.bin = postgres_bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="tokenstream-pg-"))
         self.data = self.root / "data"
@@ -67,17 +69,15 @@ class PostgresCluster:
                 "initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8",
                 "--no-sync", "--locale=C",
             )  # fmt: skip
-        options = " ".join(
-            [
-                "-c listen_addresses=127.0.0.1",
-                f"-c port={self.port}",
-                f"-c unix_socket_directories={self.root}",
-                "-c fsync=off",
-                "-c synchronous_commit=off",
-                "-c full_page_writes=off",
-                "-c max_connections=200",
-            ]
-        )
+        settings = [
+            "-c listen_addresses=127.0.0.1",
+            f"-c port={self.port}",
+            f"-c unix_socket_directories={self.root}",
+            "-c max_connections=200",
+        ]
+        if not self.durable:
+            settings += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        options = " ".join(settings)
         log = self.root / "postgres.log"
         self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(log),
                   "-o", options)  # fmt: skip

@@ -1,0 +1,40 @@
+"""`make bench`: `tokenstream bench` on the baseline, SQLite and a throw-away PostgreSQL.
+
+    .venv/bin/python -m benchmarks.run [--smoke] [--case NAME ...] [--json bench-results.json]
+
+The PostgreSQL cluster keeps its durable defaults (fsync on, synchronous commit), listens
+on 127.0.0.1 only, and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from tests.postgres import PostgresCluster
+from tokenstream.bench.cases import FULL, SMOKE
+from tokenstream.bench.run import publish, run
+from tokenstream.bench.servers import BASELINE, Target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--case", dest="names", action="append", default=[])
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    args = parser.parse_args()
+    cases = [c for c in (SMOKE if args.smoke else FULL) if not args.names or c.name in args.names]
+    cluster = PostgresCluster(durable=True)
+    try:
+        cluster.start()
+        url = asyncio.run(cluster.create_database())
+        targets = [Target(BASELINE), Target("sqlite"), Target("postgresql", url)]
+        results = asyncio.run(run(cases, targets, progress=lambda line: print("running", line)))
+    finally:
+        cluster.remove()
+    publish(results, json_path=args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ import grpc
 
 from tokenstream.server.models import GenerationRequest
 from tokenstream.server.models.clock import ClockSource
+from tokenstream.server.streams.live import chunked
 from tokenstream.v1 import tokenstream_pb2 as pb
 from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
 
@@ -101,16 +102,13 @@ class BaselineServicer(pb_grpc.TokenStreamServiceServicer):
         while True:
             changed = stream.changed
             if seq < len(stream.tokens):
-                end = len(stream.tokens)
-                while seq < end:
-                    last, size = seq, 0
-                    while last < end and (size < MAX_CHUNK_CHARS or last == seq):
-                        size += len(stream.tokens[last])
-                        last += 1
-                    text = "".join(stream.tokens[seq:last])
-                    chunk = pb.TokenChunk(start_seq=seq, end_seq=last - 1, text=text)
-                    yield pb.SubscribeResponse(chunk=chunk)
-                    seq = last
+                # Sliced before sending, like the real server's subscriptions.
+                for chunk in list(chunked(stream.tokens, 0, seq, MAX_CHUNK_CHARS)):
+                    message = pb.TokenChunk(
+                        start_seq=chunk.start_seq, end_seq=chunk.end_seq, text=chunk.text
+                    )
+                    yield pb.SubscribeResponse(chunk=message)
+                    seq = chunk.end_seq + 1
                 continue
             if stream.done:
                 end_message = pb.StreamEnd(state=pb.STREAM_STATE_COMPLETED, final_seq=seq - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import Iterable
 
@@ -54,3 +55,10 @@ def _set(events: weakref.WeakValueDictionary[str, asyncio.Event], key: str) -> N
     event = events.pop(key, None)
     if event is not None:
         event.set()
+
+
+async def wait_for_change(changed: asyncio.Event, seconds: float) -> None:
+    """Returns when `changed` is set or after `seconds`, whichever comes first."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await changed.wait()

@@ -109,18 +109,23 @@ class LiveStream:
 
     def chunks(self, from_seq: int, max_chars: int) -> Iterator[Chunk]:
         """Durable tokens from `from_seq` (>= base_seq) on, as chunks of <= `max_chars`."""
-        tokens, base = self.tokens, self.base_seq
-        index, end = from_seq - base, len(tokens)
-        while index < end:
-            size, last = 0, index
-            while last < end:
-                size += len(tokens[last])
-                if size > max_chars and last > index:
-                    break
-                last += 1
-            yield Chunk(base + index, base + last - 1, "".join(tokens[index:last]))
-            index = last
+        return chunked(self.tokens, self.base_seq, from_seq, max_chars)
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def chunked(tokens: list[str], base_seq: int, from_seq: int, max_chars: int) -> Iterator[Chunk]:
+    """`tokens` (seqs base_seq, base_seq + 1, ...) from `from_seq` on, as chunks of at most
+    `max_chars` characters (a longer single token is a chunk of its own)."""
+    index, end = from_seq - base_seq, len(tokens)
+    while index < end:
+        size, last = 0, index
+        while last < end:
+            size += len(tokens[last])
+            if size > max_chars and last > index:
+                break
+            last += 1
+        yield Chunk(base_seq + index, base_seq + last - 1, "".join(tokens[index:last]))
+        index = last

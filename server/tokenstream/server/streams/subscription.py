@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 
 from tokenstream.server.domain import StreamState
 from tokenstream.server.storage.repository import StreamRepository
 from tokenstream.server.streams._store import get_record, stored_chunks
-from tokenstream.server.streams.changes import ChangeFeed
+from tokenstream.server.streams.changes import ChangeFeed, wait_for_change
 from tokenstream.server.streams.events import End, Heartbeat, StreamEvent
 from tokenstream.server.streams.generation import Generations
 from tokenstream.server.streams.live import LiveStream
@@ -67,9 +66,7 @@ class Subscription:
                 yield self._heartbeat(record.head_seq, record.state)
             # Woken by the generating process's notice; the poll covers a lost one.
             quiet_left = self._settings.heartbeat_interval - self._quiet_for()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(quiet_left, self._settings.store_poll_interval)):
-                    await changed.wait()
+            await wait_for_change(changed, min(quiet_left, self._settings.store_poll_interval))
 
     async def _from_store(self) -> AsyncGenerator[StreamEvent, None]:
         """Stored tokens from the current position on (stored means committed: all safe)."""
@@ -108,9 +105,7 @@ class Subscription:
             if quiet_left <= 0:
                 yield self._heartbeat(live.head_seq, live.state)
                 continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(quiet_left):
-                    await changed.wait()
+            await wait_for_change(changed, quiet_left)
 
     def _quiet_for(self) -> float:
         return self._loop.time() - self._last_sent

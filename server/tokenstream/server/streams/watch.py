@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
@@ -12,7 +11,7 @@ from tokenstream.server.errors import NotFound
 from tokenstream.server.storage import errors as storage_errors
 from tokenstream.server.storage.repository import StreamRepository
 from tokenstream.server.streams._store import conversation_not_found, guarded, stored_chunks
-from tokenstream.server.streams.changes import ChangeFeed
+from tokenstream.server.streams.changes import ChangeFeed, wait_for_change
 from tokenstream.server.streams.events import EventBatch, StreamTokens, WatchEvent, WatchHeartbeat
 from tokenstream.server.streams.generation import Generations
 from tokenstream.server.streams.settings import EngineSettings
@@ -113,9 +112,7 @@ class ConversationWatch:
             quiet_left = heartbeat_interval - (loop.time() - last_sent)
             # Woken by this conversation's changes, here or (notified) on another replica;
             # the poll only covers a lost notification.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(quiet_left, self._settings.store_poll_interval)):
-                    await changed.wait()
+            await wait_for_change(changed, min(quiet_left, self._settings.store_poll_interval))
 
     async def _deliver(
         self, events: list[ConversationEvent]

@@ -126,6 +126,49 @@ async def test_ending_compacts_runs_into_one_row(
     assert [t.response for t in turns] == ["".join(tokens)]
 
 
+async def test_many_streams_ending_in_one_commit_are_each_compacted(
+    repo: SqlStreamRepository,
+) -> None:
+    other = "conv_" + "d" * 26
+    await repo.create_stream(new_stream(1, request_id="kept"))
+    await repo.create_stream(new_stream(2, request_id="let-go"))
+    await repo.create_stream(replace(new_stream(3), conversation_id=other, new_conversation=True))
+    texts = {n: [f"{n}:{i} " for i in range(n + 2)] for n in range(4)}
+    before = (await repo.read_events(CONV, 0, 100))[1]
+    await repo.commit(
+        WriteBatch(
+            NOW, runs=[(stream_id(n), TokenRun.from_tokens(0, t[:1])) for n, t in texts.items()]
+        )
+    )
+    unstarted = Ending(StreamState.FAILED, "shutdown", forget_request=True)
+    endings = {0: Ending(StreamState.COMPLETED), 1: Ending(StreamState.CANCELLED)}
+    endings |= {2: unstarted, 3: Ending(StreamState.COMPLETED)}
+    ended = (
+        await repo.commit(
+            WriteBatch(
+                NOW,
+                runs=[(stream_id(n), TokenRun.from_tokens(1, t[1:])) for n, t in texts.items()],
+                endings=[(stream_id(n), ending) for n, ending in endings.items()],
+            )
+        )
+    ).terminal
+    for n, tokens in texts.items():
+        record = ended[stream_id(n)]
+        assert (record.state, record.head_seq) == (endings[n].state, len(tokens) - 1)
+        runs = await repo.read_runs(stream_id(n), 1, 1000)
+        assert "".join(c.text for c in runs[0].chunks(1, 1000)) == "".join(tokens[1:])
+    # The request id let go can be used again; the kept one cannot.
+    assert await repo.find_by_request_id("let-go") is None
+    assert (await repo.find_by_request_id("kept")) is not None
+    # Each conversation numbers its endings after its own newest event, without gaps.
+    events, head = await repo.read_events(CONV, before + 1, 100)
+    assert [e.seq for e in events] == list(range(before + 1, head + 1))
+    assert [e.data["stream_id"] for e in events] == [stream_id(n) for n in range(3)]
+    other_events, _ = await repo.read_events(other, 0, 100)
+    assert [e.kind for e in other_events][-1] == events[-1].kind
+    assert other_events[-1].data["stream_id"] == stream_id(3)
+
+
 async def test_first_ending_wins(repo: SqlStreamRepository) -> None:
     await repo.commit(WriteBatch(NOW, endings=[(stream_id(0), Ending(StreamState.CANCELLED))]))
     late = (

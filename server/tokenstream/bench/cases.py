@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Kind = Literal["live", "resume", "idle"]
@@ -18,6 +18,11 @@ class Case:
     rate: float = 0.0  # tokens/s of each stream; 0 = as fast as the source may
     heartbeat_interval: float = 10.0
     hold: float = 0.0  # idle: seconds the subscriptions stay open
+
+    def warmup(self) -> Case:
+        """The same shape, small: run first so start-up costs (SQL statement compilation,
+        first connections) are not charged to the measured run."""
+        return replace(self, streams=min(self.streams, 10), tokens=min(self.tokens, 100))
 
     @property
     def label(self) -> str:

@@ -38,6 +38,7 @@ class Delivery:
     first_chunk_s: list[float] = field(default_factory=list)
     heartbeats: int = 0
     subscriptions: int = 0
+    chunks: int = 0  # messages carrying tokens (rollup makes them fewer than tokens)
 
     @property
     def tokens_per_second(self) -> float:
@@ -94,6 +95,7 @@ class Load:
                     now = time.monotonic_ns()
                     chunk = message.chunk
                     delivery.tokens += chunk.end_seq - chunk.start_seq + 1
+                    delivery.chunks += 1
                     delivery.latencies_ns.extend(now - stamp for stamp in stamps(chunk.text))
                     if first:
                         delivery.first_chunk_s.append(time.monotonic() - started)

@@ -427,7 +427,13 @@ class StreamEngine:
                 reason="NEGATIVE_FROM_SEQ",
                 field="from_seq",
             )
-        record = await get_record(self._repository, stream_id)
+        live = self._generations.live.get(stream_id)
+        # A stream generated here is known without a store read (many subscribe at once).
+        record = (
+            (live.final or live.record)
+            if live is not None
+            else await get_record(self._repository, stream_id)
+        )
         await self._stream_role(record, user)
         if record.state.is_terminal and from_seq > record.head_seq + 1:
             raise OutOfRange(

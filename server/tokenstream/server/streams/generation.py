@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 
 from tokenstream.server.domain import Ending, EndReason, StreamRecord, StreamState
 from tokenstream.server.models import GenerationRequest, TokenSource
@@ -36,21 +37,24 @@ class Generations:
         self._stall_timeout = stall_timeout
         self._tail_limit = tail_limit
         self.live: dict[str, LiveStream] = {}
+        # Not yet ended: a stream leaves as its ending commits (before its task is done).
+        self._running: set[LiveStream] = set()
+        self._by_caller: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
 
     def count(self, caller: str | None = None) -> int:
-        """Generations not yet ended (an ended one may linger here for a moment)."""
-        return sum(
-            1
-            for live in self.live.values()
-            if live.final is None and (caller is None or live.caller == caller)
-        )
+        """Generations running here, in all or of one caller (kept as counts: every
+        submission asks, and scanning thousands of live streams each time adds up)."""
+        return len(self._running) if caller is None else self._by_caller[caller]
 
     def start(self, record: StreamRecord, source: TokenSource, caller: str) -> LiveStream:
         live = LiveStream(record, caller, self._tail_limit)
         live.last_progress = asyncio.get_running_loop().time()
         self.live[record.stream_id] = live
+        self._running.add(live)
+        self._by_caller[caller] += 1
+        live.on_end = self._ended
         request = GenerationRequest(record.stream_id, record.prompt, record.max_tokens)
         task = asyncio.create_task(
             self._generate(live, source, request), name=f"generate-{record.stream_id}"
@@ -95,11 +99,12 @@ class Generations:
                 if live.stop_requested is not None:
                     live.interrupt()  # e.g. ended through the store while the model waits
                     continue
-                if (
-                    live.producing
-                    and not live.waiting_for_store
-                    and now - live.last_progress > self._stall_timeout
-                ):
+                # Progress is a count the generator bumps (cheaper per token than a clock
+                # read); it is timed here, so a stall shows within a period of the timeout.
+                if live.received != live.received_seen or live.waiting_for_store:
+                    live.received_seen = live.received
+                    live.last_progress = now
+                elif live.producing and now - live.last_progress > self._stall_timeout:
                     log.warning("model stalled on stream %s; ending it", live.stream_id)
                     live.request_stop(
                         Ending(
@@ -118,12 +123,24 @@ class Generations:
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record how the stream ends.
             self._writer.queue_end(live, live.stop_requested or SHUTDOWN)
-            self.live.pop(live.stream_id, None)
+            self._forget(live)
             raise
         try:
             await self._writer.end(live, live.stop_requested or ending)
         finally:
-            self.live.pop(live.stream_id, None)
+            self._forget(live)
+
+    def _forget(self, live: LiveStream) -> None:
+        if self.live.get(live.stream_id) is live:
+            del self.live[live.stream_id]
+        self._ended(live)
+
+    def _ended(self, live: LiveStream) -> None:
+        if live in self._running:
+            self._running.discard(live)
+            self._by_caller[live.caller] -= 1
+            if not self._by_caller[live.caller]:
+                del self._by_caller[live.caller]
 
     async def _produce(
         self, live: LiveStream, source: TokenSource, request: GenerationRequest
@@ -131,32 +148,31 @@ class Generations:
         """Feeds the source's tokens to the writer; returns how generation ended by itself."""
         if live.stop_requested is not None:  # stopped before it started
             return live.stop_requested
-        loop = asyncio.get_running_loop()
+        writer = self._writer
         live.producing = True
         produced = 0
         tokens = source.generate(request)
+        # The loop below runs once per token of every stream: it is kept lean.
         try:
             async for token in tokens:
-                live.last_progress = loop.time()
+                live.received += 1
                 # Checked before every write: a cancelled stream gets no further token.
                 if live.stop_requested is not None:
                     break
                 if not token:
                     continue
-                _check_token(token)
-                if not self._writer.has_room:
-                    live.waiting_for_store = True  # a slow store is not a stalled model
-                    try:
-                        await self._writer.wait_for_room()
-                    finally:
-                        live.waiting_for_store = False
-                    live.last_progress = loop.time()
-                    if live.stop_requested is not None:
-                        break
-                self._writer.append(live, token)
+                if token.__class__ is not str or not token.isascii() or "\x00" in token:
+                    _check_token(token)
+                room = writer.append(live, token)
                 produced += 1
                 if produced >= request.max_tokens:
                     break
+                if not room:
+                    live.waiting_for_store = True  # a slow store is not a stalled model
+                    try:
+                        await writer.wait_for_room()
+                    finally:
+                        live.waiting_for_store = False
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if live.stop_requested is not None and current is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from tokenstream.server.domain import Chunk, Ending, StreamRecord, StreamState
 
@@ -25,7 +25,10 @@ class LiveStream:
         "caller",
         "final",
         "last_progress",
+        "on_end",
         "producing",
+        "received",
+        "received_seen",
         "record",
         "stop_requested",
         "tail_limit",
@@ -48,9 +51,13 @@ class LiveStream:
         # True while generation waits for the store to catch up (not the model's fault).
         self.waiting_for_store = False
         self._interrupted = False
-        # Event-loop time of the last token from the source (or of the start), for stalls.
+        # Items taken from the source so far; the stall watchdog times their progress
+        # (event-loop time it last saw the count move, or the start).
+        self.received = 0
+        self.received_seen = 0
         self.last_progress = 0.0
         self.task: asyncio.Task[None] | None = None
+        self.on_end: Callable[[LiveStream], None] = lambda _live: None  # after publish_end
         self._changed = asyncio.Event()
         self._ended = asyncio.Event()
 
@@ -101,6 +108,7 @@ class LiveStream:
         self.final = final
         self._ended.set()
         self._wake()
+        self.on_end(self)
 
     async def wait_ended(self) -> StreamRecord:
         await self._ended.wait()

@@ -114,11 +114,16 @@ class BatchWriter:
         self._wake.set()
         return await created
 
-    def append(self, live: LiveStream, token: str) -> None:
-        """Queues one token of `live` for the next commit."""
-        self._entry(live).tokens.append(token)
+    def append(self, live: LiveStream, token: str) -> bool:
+        """Queues one token of `live` for the next commit; False when the writer is full
+        (wait_for_room before the next). Called for every token: kept lean."""
+        pending = self._pending.get(live)
+        if pending is None:
+            pending = self._pending[live] = _Pending()
+            self._wake.set()  # the first token of a stream since the last batch was taken
+        pending.tokens.append(token)
         self._pending_tokens += 1
-        self._wake.set()
+        return self._pending_tokens < self._max_pending
 
     def queue_end(self, live: LiveStream, ending: Ending) -> None:
         """Queues the stream's ending after its pending tokens."""

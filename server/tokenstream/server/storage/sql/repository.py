@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import delete, func, insert, or_, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -163,8 +163,6 @@ async def _append_events(
     if not events:
         return
     changes.conversations.update(e.conversation_id for e in events)
-    heads: dict[str, int] = {}
-    rows = []
     # PostgreSQL: a writer holds its conversations' rows until it commits, so two replicas
     # never number events from the same head. In one order, and NO KEY UPDATE, which the
     # KEY SHARE locks that foreign-key checks took earlier in the transaction do not block:
@@ -175,16 +173,16 @@ async def _append_events(
         .order_by(conversations.c.id)
         .with_for_update(key_share=True)
     )
+    newest = await conn.execute(
+        select(conversation_events.c.conversation_id, func.max(conversation_events.c.seq))
+        .where(conversation_events.c.conversation_id.in_({e.conversation_id for e in events}))
+        .group_by(conversation_events.c.conversation_id)
+    )
+    heads: dict[str, int] = {row[0]: int(row[1]) for row in newest}
+    rows = []
     for event in events:
         conversation_id = event.conversation_id
-        if conversation_id not in heads:
-            newest = await conn.scalar(
-                select(func.max(conversation_events.c.seq)).where(
-                    conversation_events.c.conversation_id == conversation_id
-                )
-            )
-            heads[conversation_id] = -1 if newest is None else int(newest)
-        heads[conversation_id] += 1
+        heads[conversation_id] = heads.get(conversation_id, -1) + 1
         rows.append(
             {
                 "conversation_id": conversation_id,
@@ -413,10 +411,9 @@ class SqlStreamRepository:
                     if stream_id in active:
                         changes.tokens[stream_id] = run.end_seq
                         changes.conversations.add(conversation_of[stream_id])
-            for stream_id, ending in batch.endings:
-                if stream_id in active:
-                    await self._end_stream(conn, stream_id, ending, batch.at, changes)
-                    active.discard(stream_id)
+            ending_now = [(s, e) for s, e in batch.endings if s in active]
+            await self._end_streams(conn, ending_now, conversation_of, batch.at, changes)
+            active.difference_update(s for s, _ in ending_now)
             for stream_id in touched - active:
                 row = (
                     await conn.execute(
@@ -492,17 +489,16 @@ class SqlStreamRepository:
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
         changes = ChangeCollector()
         async with self._write(changes) as conn:
-            ids = (
-                await conn.scalars(
-                    select(streams.c.stream_id)
-                    .where(streams.c.state.in_(_ACTIVE))
-                    .order_by(streams.c.id)
-                    .with_for_update()
-                )
-            ).all()
-            for stream_id in ids:
-                await self._end_stream(conn, stream_id, ending, at, changes)
-            return list(ids)
+            locked = await conn.execute(
+                select(streams.c.stream_id, streams.c.conversation_id)
+                .where(streams.c.state.in_(_ACTIVE))
+                .order_by(streams.c.id)
+                .with_for_update()
+            )
+            conversation_of = {row[0]: row[1] for row in locked}
+            ids = list(conversation_of)
+            await self._end_streams(conn, [(i, ending) for i in ids], conversation_of, at, changes)
+            return ids
 
     @_finish_even_if_cancelled
     async def renew_leases(self, owner_id: str, stream_ids: Sequence[str], until: datetime) -> int:
@@ -531,20 +527,19 @@ class SqlStreamRepository:
     async def end_expired_leases(self, now: datetime, ending: Ending) -> list[str]:
         changes = ChangeCollector()
         async with self._write(changes) as conn:
-            ids = (
-                await conn.scalars(
-                    select(streams.c.stream_id)
-                    .where(
-                        streams.c.state.in_(_ACTIVE),
-                        or_(streams.c.lease_expires_at < now, streams.c.lease_expires_at.is_(None)),
-                    )
-                    .order_by(streams.c.id)
-                    .with_for_update()
+            locked = await conn.execute(
+                select(streams.c.stream_id, streams.c.conversation_id)
+                .where(
+                    streams.c.state.in_(_ACTIVE),
+                    or_(streams.c.lease_expires_at < now, streams.c.lease_expires_at.is_(None)),
                 )
-            ).all()
-            for stream_id in ids:
-                await self._end_stream(conn, stream_id, ending, now, changes)
-            return list(ids)
+                .order_by(streams.c.id)
+                .with_for_update()
+            )
+            conversation_of = {row[0]: row[1] for row in locked}
+            ids = list(conversation_of)
+            await self._end_streams(conn, [(i, ending) for i in ids], conversation_of, now, changes)
+            return ids
 
     @_finish_even_if_cancelled
     async def purge_finished(self, before: datetime) -> PurgeResult:
@@ -740,38 +735,60 @@ class SqlStreamRepository:
         )
         return [TokenRun(r.start_seq, r.text, decode_ends(r.token_ends)) for r in rows]
 
-    async def _end_stream(
+    async def _end_streams(
         self,
         conn: AsyncConnection,
-        stream_id: str,
-        ending: Ending,
+        endings: Sequence[tuple[str, Ending]],
+        conversation_of: dict[str, str],
         at: datetime,
         changes: ChangeCollector,
     ) -> None:
-        """Ends an active stream and compacts its runs into the stream row."""
-        full = join_runs(await self._all_runs(conn, stream_id))
-        final_seq = full.end_seq if full.ends else -1
-        conversation_id = await conn.scalar(
-            update(streams)
-            .where(streams.c.stream_id == stream_id)
-            .values(
-                state=ending.state.value,
-                reason=ending.reason,
-                error=ending.error,
-                finished_at=at,
-                final_seq=final_seq,
-                text=full.text,
-                token_ends=full.encode_ends(),
-                lease_expires_at=None,
-                **({"request_id": None} if ending.forget_request else {}),
+        """Ends active streams (locked by the caller) and compacts each one's runs into its
+        row: a few statements for all of them, however many end in one commit."""
+        if not endings:
+            return
+        ids = [stream_id for stream_id, _ in endings]
+        runs: dict[str, list[TokenRun]] = {stream_id: [] for stream_id in ids}
+        for row in await conn.execute(
+            select(token_runs.c.stream_id, token_runs.c.start_seq, token_runs.c.text,
+                   token_runs.c.token_ends)
+            .where(token_runs.c.stream_id.in_(ids))
+            .order_by(token_runs.c.stream_id, token_runs.c.start_seq)
+        ):  # fmt: skip
+            runs[row.stream_id].append(
+                TokenRun(row.start_seq, row.text, decode_ends(row.token_ends))
             )
-            .returning(streams.c.conversation_id)
-        )
-        await conn.execute(delete(token_runs).where(token_runs.c.stream_id == stream_id))
-        changes.ended.add(stream_id)
-        await _append_events(
-            conn, [ending_event(str(conversation_id), stream_id, ending, final_seq, at)], changes
-        )
+        rows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+        events = []
+        for stream_id, ending in endings:
+            full = join_runs(runs[stream_id])
+            final_seq = full.end_seq if full.ends else -1
+            rows[ending.forget_request].append(
+                {
+                    "b_stream_id": stream_id,
+                    "state": ending.state.value,
+                    "reason": ending.reason,
+                    "error": ending.error,
+                    "finished_at": at,
+                    "final_seq": final_seq,
+                    "text": full.text,
+                    "token_ends": full.encode_ends(),
+                    "lease_expires_at": None,
+                }
+            )
+            conversation_id = conversation_of[stream_id]
+            events.append(ending_event(conversation_id, stream_id, ending, final_seq, at))
+        for forget, values in rows.items():
+            if values:
+                ending_update = update(streams).where(
+                    streams.c.stream_id == bindparam("b_stream_id")
+                )
+                if forget:
+                    ending_update = ending_update.values(request_id=None)
+                await conn.execute(ending_update, values)
+        await conn.execute(delete(token_runs).where(token_runs.c.stream_id.in_(ids)))
+        changes.ended.update(ids)
+        await _append_events(conn, events, changes)
 
     @staticmethod
     async def _record(conn: AsyncConnection, row: Any) -> StreamRecord:

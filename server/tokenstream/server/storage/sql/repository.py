@@ -414,14 +414,11 @@ class SqlStreamRepository:
             ending_now = [(s, e) for s, e in batch.endings if s in active]
             await self._end_streams(conn, ending_now, conversation_of, batch.at, changes)
             active.difference_update(s for s, _ in ending_now)
-            for stream_id in touched - active:
-                row = (
-                    await conn.execute(
-                        select(*_RECORD_COLUMNS).where(streams.c.stream_id == stream_id)
-                    )
-                ).first()
-                if row is not None:
-                    terminal[stream_id] = await self._record(conn, row)
+            if ended := touched - active:  # just now, or earlier (then it took nothing)
+                for row in await conn.execute(
+                    select(*_RECORD_COLUMNS).where(streams.c.stream_id.in_(ended))
+                ):
+                    terminal[row.stream_id] = await self._record(conn, row)
             # Last: locks are taken streams first, then conversations, in every transaction.
             if batch.creations:
                 result.created = await self._create_many(conn, batch.creations, changes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,15 @@ def test_follow_malformed_stream_id_fails(cli_server: ServerProcess) -> None:
     assert "INVALID_ARGUMENT" in result.stderr
     assert "MALFORMED_STREAM_ID" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "loop"), [((), "uvloop"), (("--event-loop", "asyncio"), "asyncio")]
+)
+def test_server_runs_on_the_chosen_event_loop(
+    server_process: ServerProcess, tmp_path: Path, args: tuple[str, ...], loop: str
+) -> None:
+    server_process.start(tmp_path / "loop.db", TOKEN_RATE, extra_args=args)
+    assert f"event loop {loop})" in server_process.log_text()
+    result = run_cli(server_process, "submit", PROMPT, "-m", "echo", "--follow")
+    assert (result.returncode, result.stdout) == (0, PROMPT + "\n"), result.stderr

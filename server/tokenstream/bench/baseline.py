@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from tokenstream.server.event_loop import EVENT_LOOPS
+from tokenstream.server.event_loop import run as run_on_loop
 from tokenstream.server.models import GenerationRequest
 from tokenstream.server.models.clock import ClockSource
 from tokenstream.server.streams.live import chunked
@@ -140,9 +142,14 @@ def main() -> None:
     parser.add_argument("--token-rate", type=float, default=0.0)
     parser.add_argument("--flush-interval", type=float, default=0.005)
     parser.add_argument("--heartbeat-interval", type=float, default=10.0)
+    # The same loop as the server under test, so the comparison is of the store alone.
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port, args.token_rate, args.flush_interval, args.heartbeat_interval))
+        run_on_loop(
+            serve(args.port, args.token_rate, args.flush_interval, args.heartbeat_interval),
+            args.event_loop,
+        )
 
 
 if __name__ == "__main__":

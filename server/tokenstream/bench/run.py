@@ -32,13 +32,15 @@ class Result:
     figures: dict[str, float]
 
 
-async def run_case(case: Case, target: Target, folder: Path, repeats: int = 3) -> Result:
+async def run_case(
+    case: Case, target: Target, folder: Path, repeats: int = 3, event_loop: str = "uvloop"
+) -> Result:
     """One server process for the case: a small warm-up run, then `repeats` measured runs
     of a live case (1 of the others); the run with the median headline figure is kept."""
     if target.name == "sqlite":  # a fresh file per case
         target = Target("sqlite", f"sqlite+aiosqlite:///{folder / case.name}.db")
     log = folder / f"{case.name}-{target.name}.log"
-    server = ServerUnderTest(target, case, log)
+    server = ServerUnderTest(target, case, log, event_loop)
     try:
         try:
             await server.ready()
@@ -169,11 +171,12 @@ def report(results: Sequence[Result], out: TextIO) -> None:
             print("  " + "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)), file=out)
 
 
-def machine() -> dict[str, str | int]:
+def machine(event_loop: str = "uvloop") -> dict[str, str | int]:
     return {
         "cpus": os.cpu_count() or 0,
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
+        "event_loop": event_loop,
         "platform": platform.platform(),
     }
 
@@ -182,23 +185,28 @@ async def run(
     cases: Sequence[Case],
     targets: Sequence[Target],
     progress: Callable[[str], None] = lambda _line: None,
+    event_loop: str = "uvloop",
 ) -> list[Result]:
-    """Every case on every target, one fresh server process each."""
+    """Every case on every target, one fresh server process each (all on `event_loop`)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="tokenstream-bench-") as folder:
         for case in cases:
             for target in targets:
                 progress(f"{case.name} on {target.name}")
-                results.append(await run_case(case, target, Path(folder)))
+                result = await run_case(case, target, Path(folder), event_loop=event_loop)
+                results.append(result)
     return results
 
 
 def publish(
-    results: Sequence[Result], out: TextIO = sys.stdout, json_path: Path | None = None
+    results: Sequence[Result],
+    out: TextIO = sys.stdout,
+    json_path: Path | None = None,
+    event_loop: str = "uvloop",
 ) -> None:
     """Prints the machine and the tables; writes every figure as JSON if asked."""
-    print(f"\nmachine: {machine()}", file=out)
+    print(f"\nmachine: {machine(event_loop)}", file=out)
     report(results, out)
     if json_path is not None:
-        document = {"machine": machine(), "results": [asdict(r) for r in results]}
+        document = {"machine": machine(event_loop), "results": [asdict(r) for r in results]}
         json_path.write_text(json.dumps(document, indent=2) + "\n")

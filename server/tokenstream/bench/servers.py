@@ -31,9 +31,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _command(target: Target, case: Case, port: int) -> list[str]:
+def _command(target: Target, case: Case, port: int, event_loop: str) -> list[str]:
     common = ["--port", str(port), "--token-rate", str(case.rate)]
-    common += ["--heartbeat-interval", str(case.heartbeat_interval)]
+    common += ["--heartbeat-interval", str(case.heartbeat_interval), "--event-loop", event_loop]
     if target.name == BASELINE:
         return [sys.executable, "-m", "tokenstream.bench.baseline", *common]
     many = str(max(case.streams, case.subscribers) + 100)
@@ -52,12 +52,12 @@ def _command(target: Target, case: Case, port: int) -> list[str]:
 class ServerUnderTest:
     """One server process on 127.0.0.1, with its CPU time and peak memory."""
 
-    def __init__(self, target: Target, case: Case, log: Path) -> None:
+    def __init__(self, target: Target, case: Case, log: Path, event_loop: str = "uvloop") -> None:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._log = log.open("wb")
         self._process = subprocess.Popen(
-            _command(target, case, self.port),
+            _command(target, case, self.port, event_loop),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from tokenstream.server.event_loop import EVENT_LOOPS
+
 
 @click.command()
 @click.option("--smoke", is_flag=True, help="Tiny sizes: checks in seconds that it all runs.")
@@ -25,8 +27,19 @@ import click
     default=None,
     help="Write every figure to this JSON file too.",
 )
+@click.option(
+    "--event-loop",
+    type=click.Choice(EVENT_LOOPS),
+    default="uvloop",
+    show_default=True,
+    help="Event loop of every server in the run, the baseline's included.",
+)
 def bench(
-    smoke: bool, names: tuple[str, ...], postgres_url: str | None, json_path: Path | None
+    smoke: bool,
+    names: tuple[str, ...],
+    postgres_url: str | None,
+    json_path: Path | None,
+    event_loop: str,
 ) -> None:
     """Measure delivery through real servers against a bare gRPC baseline, in one run.
 
@@ -50,6 +63,11 @@ def bench(
     if postgres_url:
         targets.append(Target("postgresql", postgres_url))
     results = asyncio.run(
-        run(cases, targets, progress=lambda line: click.echo(f"running {line}", err=True))
+        run(
+            cases,
+            targets,
+            progress=lambda line: click.echo(f"running {line}", err=True),
+            event_loop=event_loop,
+        )
     )
-    publish(results, json_path=json_path)
+    publish(results, json_path=json_path, event_loop=event_loop)

@@ -17,6 +17,8 @@ import click
 from tokenstream.server.auth import AuthSettings
 from tokenstream.server.config import DEFAULT_DATABASE_URL, ServerConfig
 from tokenstream.server.domain import CancelPolicy
+from tokenstream.server.event_loop import EVENT_LOOPS
+from tokenstream.server.event_loop import run as run_on_loop
 from tokenstream.server.storage.repository import StreamRepository
 from tokenstream.server.storage.sql.database import DatabaseSettings
 
@@ -203,6 +205,13 @@ def _security_options(command: Callable[..., Any]) -> Callable[..., Any]:
     show_default=True,
     help="Seconds running calls get to finish on SIGTERM.",
 )
+@click.option(
+    "--event-loop",
+    type=click.Choice(EVENT_LOOPS),
+    default="uvloop",
+    show_default=True,
+    help="asyncio event loop implementation (uvloop is faster).",
+)
 @_security_options
 def serve(
     host: str,
@@ -227,6 +236,7 @@ def serve(
     db_max_overflow: int,
     db_statement_timeout: float,
     shutdown_grace: float,
+    event_loop: str,
     security: _Security,
 ) -> None:
     """Run the server until SIGINT/SIGTERM.
@@ -278,7 +288,7 @@ def serve(
     from tokenstream.server.storage.sql import DatabaseInUse
 
     try:
-        asyncio.run(run_server(config))
+        run_on_loop(run_server(config), event_loop)
     except (DatabaseInUse, OSError, ConfigurationError) as exc:
         raise click.ClickException(str(exc)) from exc
 

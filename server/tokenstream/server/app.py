@@ -76,9 +76,15 @@ class TokenStreamServer:
             await self._repository.close()
             self._release_db()
             raise
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        log.info(
+            "tokenstream serving on %s (database %s, event loop %s)",
+            self.address,
+            self.config.database_url,
+            loop,
+        )
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("tokenstream serving on %s (database %s)", self.address, self.config.database_url)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop; calling it again waits for the first call to finish."""

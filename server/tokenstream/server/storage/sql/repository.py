@@ -14,6 +14,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy import bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import BindParameter
 
 from tokenstream.server.domain import (
     ACTIVE_STATES,
@@ -81,6 +82,57 @@ _RECORD_COLUMNS = [
     streams.c.finished_at,
     streams.c.author,
 ]
+
+# The statements of the hot paths (group commit, subscribe, resume), built once: building
+# and hashing a statement costs more CPU than SQLite takes to run it. Lists bind as
+# expanding parameters.
+_IDS: BindParameter[Any] = bindparam("ids", expanding=True)
+_ID: BindParameter[Any] = bindparam("stream_id")
+# Locks the active streams of a batch (PostgreSQL: no other replica ends them meanwhile),
+# in one order everywhere: no deadlocks.
+_LOCK_ACTIVE = (
+    select(streams.c.stream_id, streams.c.conversation_id)
+    .where(streams.c.stream_id.in_(_IDS), streams.c.state.in_(_ACTIVE))
+    .order_by(streams.c.id)
+    .with_for_update()
+)
+_INSERT_RUNS = insert(token_runs)
+_RUNS_OF = (
+    select(token_runs.c.stream_id, token_runs.c.start_seq, token_runs.c.text,
+           token_runs.c.token_ends)
+    .where(token_runs.c.stream_id.in_(_IDS))
+    .order_by(token_runs.c.stream_id, token_runs.c.start_seq)
+)  # fmt: skip
+_END = update(streams).where(streams.c.stream_id == bindparam("b_stream_id"))
+_END_FORGETTING_REQUEST = _END.values(request_id=None)
+_DELETE_RUNS = delete(token_runs).where(token_runs.c.stream_id.in_(_IDS))
+_RECORDS = select(*_RECORD_COLUMNS).where(streams.c.stream_id.in_(_IDS))
+_RECORD = select(*_RECORD_COLUMNS).where(streams.c.stream_id == _ID)
+_HEAD = select(func.max(token_runs.c.end_seq)).where(token_runs.c.stream_id == _ID)
+# PostgreSQL: a writer holds its conversations' rows until it commits, so two replicas
+# never number events from the same head. In one order, and NO KEY UPDATE, which the
+# KEY SHARE locks that foreign-key checks took earlier in the transaction do not block:
+# no deadlocks.
+_LOCK_CONVERSATIONS = (
+    select(conversations.c.id)
+    .where(conversations.c.conversation_id.in_(_IDS))
+    .order_by(conversations.c.id)
+    .with_for_update(key_share=True)
+)
+_EVENT_HEADS = (
+    select(conversation_events.c.conversation_id, func.max(conversation_events.c.seq))
+    .where(conversation_events.c.conversation_id.in_(_IDS))
+    .group_by(conversation_events.c.conversation_id)
+)
+_INSERT_EVENTS = insert(conversation_events)
+_RUN_STATE = select(streams.c.state, streams.c.text, streams.c.token_ends).where(
+    streams.c.stream_id == _ID
+)
+_RUNS_FROM = (
+    select(token_runs.c.start_seq, token_runs.c.text, token_runs.c.token_ends)
+    .where(token_runs.c.stream_id == _ID, token_runs.c.end_seq >= bindparam("from_seq"))
+    .order_by(token_runs.c.start_seq)
+)
 
 
 P = ParamSpec("P")
@@ -162,22 +214,10 @@ async def _append_events(
     """Numbers events after each conversation's newest one and stores them."""
     if not events:
         return
-    changes.conversations.update(e.conversation_id for e in events)
-    # PostgreSQL: a writer holds its conversations' rows until it commits, so two replicas
-    # never number events from the same head. In one order, and NO KEY UPDATE, which the
-    # KEY SHARE locks that foreign-key checks took earlier in the transaction do not block:
-    # no deadlocks.
-    await conn.execute(
-        select(conversations.c.id)
-        .where(conversations.c.conversation_id.in_({e.conversation_id for e in events}))
-        .order_by(conversations.c.id)
-        .with_for_update(key_share=True)
-    )
-    newest = await conn.execute(
-        select(conversation_events.c.conversation_id, func.max(conversation_events.c.seq))
-        .where(conversation_events.c.conversation_id.in_({e.conversation_id for e in events}))
-        .group_by(conversation_events.c.conversation_id)
-    )
+    named = list({e.conversation_id: None for e in events})
+    changes.conversations.update(named)
+    await conn.execute(_LOCK_CONVERSATIONS, {"ids": named})
+    newest = await conn.execute(_EVENT_HEADS, {"ids": named})
     heads: dict[str, int] = {row[0]: int(row[1]) for row in newest}
     rows = []
     for event in events:
@@ -193,7 +233,7 @@ async def _append_events(
                 "data": json.dumps(event.data),
             }
         )
-    await conn.execute(insert(conversation_events), rows)
+    await conn.execute(_INSERT_EVENTS, rows)
 
 
 def _member(row: Any) -> Member:
@@ -352,9 +392,7 @@ class SqlStreamRepository:
     @_finish_even_if_cancelled
     async def get_stream(self, stream_id: str) -> StreamRecord:
         async with self._read() as conn:
-            row = (
-                await conn.execute(select(*_RECORD_COLUMNS).where(streams.c.stream_id == stream_id))
-            ).first()
+            row = (await conn.execute(_RECORD, {"stream_id": stream_id})).first()
             if row is None:
                 raise NotFound(stream_id)
             return await self._record(conn, row)
@@ -386,12 +424,7 @@ class SqlStreamRepository:
                 if batch.creations:
                     result.created = await self._create_many(conn, batch.creations, changes)
                 return result
-            locked = await conn.execute(
-                select(streams.c.stream_id, streams.c.conversation_id)
-                .where(streams.c.stream_id.in_(touched), streams.c.state.in_(_ACTIVE))
-                .order_by(streams.c.id)  # one lock order everywhere: no deadlocks
-                .with_for_update()  # PostgreSQL: no other replica ends them meanwhile
-            )
+            locked = await conn.execute(_LOCK_ACTIVE, {"ids": list(touched)})
             conversation_of: dict[str, str] = {row[0]: row[1] for row in locked}
             active = set(conversation_of)
             rows = [
@@ -406,7 +439,7 @@ class SqlStreamRepository:
                 if stream_id in active  # an ended stream takes no more tokens
             ]
             if rows:
-                await conn.execute(insert(token_runs), rows)
+                await conn.execute(_INSERT_RUNS, rows)
                 for stream_id, run in batch.runs:
                     if stream_id in active:
                         changes.tokens[stream_id] = run.end_seq
@@ -415,9 +448,7 @@ class SqlStreamRepository:
             await self._end_streams(conn, ending_now, conversation_of, batch.at, changes)
             active.difference_update(s for s, _ in ending_now)
             if ended := touched - active:  # just now, or earlier (then it took nothing)
-                for row in await conn.execute(
-                    select(*_RECORD_COLUMNS).where(streams.c.stream_id.in_(ended))
-                ):
+                for row in await conn.execute(_RECORDS, {"ids": list(ended)}):
                     terminal[row.stream_id] = await self._record(conn, row)
             # Last: locks are taken streams first, then conversations, in every transaction.
             if batch.creations:
@@ -427,22 +458,12 @@ class SqlStreamRepository:
     @_finish_even_if_cancelled
     async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
         async with self._read() as conn:
-            row = (
-                await conn.execute(
-                    select(streams.c.state, streams.c.text, streams.c.token_ends).where(
-                        streams.c.stream_id == stream_id
-                    )
-                )
-            ).first()
+            row = (await conn.execute(_RUN_STATE, {"stream_id": stream_id})).first()
             if row is None:
                 raise NotFound(stream_id)
             if row.text is not None:  # compacted: the whole response is one run
                 return [TokenRun(0, row.text, decode_ends(row.token_ends))]
-            result = await conn.stream(
-                select(token_runs.c.start_seq, token_runs.c.text, token_runs.c.token_ends)
-                .where(token_runs.c.stream_id == stream_id, token_runs.c.end_seq >= from_seq)
-                .order_by(token_runs.c.start_seq)
-            )
+            result = await conn.stream(_RUNS_FROM, {"stream_id": stream_id, "from_seq": from_seq})
             runs: list[TokenRun] = []
             chars = 0
             async for run_row in result:
@@ -746,12 +767,7 @@ class SqlStreamRepository:
             return
         ids = [stream_id for stream_id, _ in endings]
         runs: dict[str, list[TokenRun]] = {stream_id: [] for stream_id in ids}
-        for row in await conn.execute(
-            select(token_runs.c.stream_id, token_runs.c.start_seq, token_runs.c.text,
-                   token_runs.c.token_ends)
-            .where(token_runs.c.stream_id.in_(ids))
-            .order_by(token_runs.c.stream_id, token_runs.c.start_seq)
-        ):  # fmt: skip
+        for row in await conn.execute(_RUNS_OF, {"ids": ids}):
             runs[row.stream_id].append(
                 TokenRun(row.start_seq, row.text, decode_ends(row.token_ends))
             )
@@ -777,13 +793,8 @@ class SqlStreamRepository:
             events.append(ending_event(conversation_id, stream_id, ending, final_seq, at))
         for forget, values in rows.items():
             if values:
-                ending_update = update(streams).where(
-                    streams.c.stream_id == bindparam("b_stream_id")
-                )
-                if forget:
-                    ending_update = ending_update.values(request_id=None)
-                await conn.execute(ending_update, values)
-        await conn.execute(delete(token_runs).where(token_runs.c.stream_id.in_(ids)))
+                await conn.execute(_END_FORGETTING_REQUEST if forget else _END, values)
+        await conn.execute(_DELETE_RUNS, {"ids": ids})
         changes.ended.update(ids)
         await _append_events(conn, events, changes)
 
@@ -793,11 +804,7 @@ class SqlStreamRepository:
         if state.is_terminal:
             head = row.final_seq
         else:
-            head = await conn.scalar(
-                select(func.max(token_runs.c.end_seq)).where(
-                    token_runs.c.stream_id == row.stream_id
-                )
-            )
+            head = await conn.scalar(_HEAD, {"stream_id": row.stream_id})
         return StreamRecord(
             stream_id=row.stream_id,
             conversation_id=row.conversation_id,

@@ -19,3 +19,12 @@ async def test_tokens_are_short_and_every_sixteenth_carries_the_clock() -> None:
     assert len(times) == len(stamped)
     assert before <= times[0] <= times[-1] <= after
     assert stamps(" tok tok") == []
+
+
+async def test_paced_tokens_are_each_stamped() -> None:
+    source = ClockSource(tokens_per_second=1000.0)
+    tokens = [t async for t in source.generate(GenerationRequest("s", "p", 5))]
+    times = stamps("".join(tokens))
+    assert len(times) == 5
+    assert times == sorted(times)
+    assert times[-1] - times[0] >= 3_000_000  # 4 intervals of 1 ms, on schedule

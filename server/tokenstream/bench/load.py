@@ -7,9 +7,11 @@ CPU use of both, so it is plain which one saturated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -121,11 +123,24 @@ async def live(target: str, case: Case) -> Delivery:
 
     started = time.monotonic()
     try:
-        await asyncio.gather(*(one(n) for n in range(case.streams)))
+        with _no_collector_pauses():
+            await asyncio.gather(*(one(n) for n in range(case.streams)))
     finally:
         delivery.seconds = time.monotonic() - started
         await load.close()
     return delivery
+
+
+@contextlib.contextmanager
+def _no_collector_pauses() -> Iterator[None]:
+    """Keeps the bench process's own garbage collector from pausing it mid-run: a pause
+    of tens of ms would read as server latency (seen at the same moment in every run)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 async def resume(target: str, case: Case, repeats: int = 5) -> dict[str, Delivery]:

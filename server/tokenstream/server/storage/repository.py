@@ -121,6 +121,10 @@ class WriteBatch:
     creations: list[NewStream] = field(default_factory=list)
     runs: list[tuple[str, TokenRun]] = field(default_factory=list)
     endings: list[tuple[str, Ending]] = field(default_factory=list)
+    # The whole response of an ending stream, from seq 0, when the writer holds it in memory:
+    # it spares reading back a run per commit (a model-paced stream has a run per token).
+    # Used only when it ends where this batch's run for the stream ends; else read back.
+    responses: dict[str, TokenRun] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

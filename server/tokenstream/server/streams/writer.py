@@ -269,6 +269,10 @@ class BatchWriter:
             if pending.tokens:
                 start = live.head_seq + 1
                 write.runs.append((live.stream_id, TokenRun.from_tokens(start, pending.tokens)))
+                if pending.ending is not None and live.base_seq == 0:
+                    # Memory holds every durable token: the response needs no read-back.
+                    response = TokenRun.from_tokens(0, live.tokens + pending.tokens)
+                    write.responses[live.stream_id] = response
             if pending.ending is not None:
                 write.endings.append((live.stream_id, pending.ending))
         return write

@@ -445,7 +445,13 @@ class SqlStreamRepository:
                         changes.tokens[stream_id] = run.end_seq
                         changes.conversations.add(conversation_of[stream_id])
             ending_now = [(s, e) for s, e in batch.endings if s in active]
-            await self._end_streams(conn, ending_now, conversation_of, batch.at, changes)
+            written = {stream_id: run.end_seq for stream_id, run in batch.runs}
+            known = {
+                stream_id: response
+                for stream_id, response in batch.responses.items()
+                if written.get(stream_id, -2) == response.end_seq and response.start_seq == 0
+            }
+            await self._end_streams(conn, ending_now, conversation_of, batch.at, changes, known)
             active.difference_update(s for s, _ in ending_now)
             if ended := touched - active:  # just now, or earlier (then it took nothing)
                 for row in await conn.execute(_RECORDS, {"ids": list(ended)}):
@@ -760,21 +766,25 @@ class SqlStreamRepository:
         conversation_of: dict[str, str],
         at: datetime,
         changes: ChangeCollector,
+        known: dict[str, TokenRun] | None = None,
     ) -> None:
         """Ends active streams (locked by the caller) and compacts each one's runs into its
-        row: a few statements for all of them, however many end in one commit."""
+        row: a few statements for all of them, however many end in one commit. `known`
+        holds responses the caller already has whole; the others are read back."""
         if not endings:
             return
+        known = known or {}
         ids = [stream_id for stream_id, _ in endings]
         runs: dict[str, list[TokenRun]] = {stream_id: [] for stream_id in ids}
-        for row in await conn.execute(_RUNS_OF, {"ids": ids}):
-            runs[row.stream_id].append(
-                TokenRun(row.start_seq, row.text, decode_ends(row.token_ends))
-            )
+        if unknown := [stream_id for stream_id in ids if stream_id not in known]:
+            for row in await conn.execute(_RUNS_OF, {"ids": unknown}):
+                runs[row.stream_id].append(
+                    TokenRun(row.start_seq, row.text, decode_ends(row.token_ends))
+                )
         rows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
         events = []
         for stream_id, ending in endings:
-            full = join_runs(runs[stream_id])
+            full = known.get(stream_id) or join_runs(runs[stream_id])
             final_seq = full.end_seq if full.ends else -1
             rows[ending.forget_request].append(
                 {

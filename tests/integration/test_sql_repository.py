@@ -21,6 +21,7 @@ from tokenstream.server.domain import Ending, Role, StreamState, TokenRun
 from tokenstream.server.storage.errors import AlreadyExists, NotFound
 from tokenstream.server.storage.repository import NewStream, PurgeResult, WriteBatch
 from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
+from tokenstream.server.storage.sql import repository as sql_repository
 from tokenstream.server.storage.sql.migrate import alembic_config
 from tokenstream.server.storage.sql.schema import metadata, streams, token_runs
 
@@ -310,6 +311,25 @@ async def test_end_active_streams_compacts_them(repo: SqlStreamRepository) -> No
     record = await repo.get_stream(stream_id(0))
     assert (record.state, record.reason, record.head_seq) == (StreamState.FAILED, "interrupted", 1)
     assert await repo.end_active_streams(Ending(StreamState.FAILED), NOW) == []
+
+
+async def test_ending_more_streams_than_one_id_list_holds_ends_them_all(
+    repo: SqlStreamRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql_repository, "_MAX_IDS", 2)  # recovery may end tens of thousands
+    for n in range(1, 5):
+        await repo.create_stream(new_stream(n))
+    runs = [(stream_id(n), TokenRun.from_tokens(0, [f"{n}"] * (n + 1))) for n in range(5)]
+    await repo.commit(WriteBatch(NOW, runs=runs))
+    ended = await repo.end_active_streams(Ending(StreamState.FAILED, "interrupted"), NOW)
+    assert sorted(ended) == [stream_id(n) for n in range(5)]
+    for n in range(5):
+        record = await repo.get_stream(stream_id(n))
+        assert (record.state, record.head_seq) == (StreamState.FAILED, n)
+        (run,) = await repo.read_runs(stream_id(n), 0, 100)
+        assert run.text == f"{n}" * (n + 1)
+    events, _ = await repo.read_events(CONV, 0, 100)
+    assert [e.seq for e in events] == list(range(len(events)))
 
 
 async def test_leases_are_renewed_and_expired_ones_end(repo: SqlStreamRepository) -> None:

@@ -36,10 +36,7 @@ class DatabaseSettings:
 
 def create_engine(url: str, settings: DatabaseSettings | None = None) -> AsyncEngine:
     if is_sqlite(url):
-        # Every use of a connection ends its own transaction (`_read` and `_write` in the
-        # repository), so the pool need not roll back again on return: one round trip
-        # to the driver thread less per call.
-        engine = create_async_engine(url, pool_reset_on_return=None)
+        engine = create_async_engine(url)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine

@@ -87,6 +87,8 @@ _RECORD_COLUMNS = [
 # and hashing a statement costs more CPU than SQLite takes to run it. Lists bind as
 # expanding parameters.
 _IDS: BindParameter[Any] = bindparam("ids", expanding=True)
+# Most ids in one expanding list (SQLite and asyncpg take at most 32766 / 32767 parameters).
+_MAX_IDS = 5000
 _ID: BindParameter[Any] = bindparam("stream_id")
 # Locks the active streams of a batch (PostgreSQL: no other replica ends them meanwhile),
 # in one order everywhere: no deadlocks.
@@ -771,6 +773,11 @@ class SqlStreamRepository:
         """Ends active streams (locked by the caller) and compacts each one's runs into its
         row: a few statements for all of them, however many end in one commit. `known`
         holds responses the caller already has whole; the others are read back."""
+        if len(endings) > _MAX_IDS:  # recovery may end many: stay under bind-parameter limits
+            for at_most in range(0, len(endings), _MAX_IDS):
+                part = endings[at_most : at_most + _MAX_IDS]
+                await self._end_streams(conn, part, conversation_of, at, changes, known)
+            return
         if not endings:
             return
         known = known or {}

@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from tokenstream.server.domain import (
     ACTIVE_STATES,
@@ -502,7 +502,8 @@ class SqlStreamRepository:
                 if row.text is not None:  # compacted: one row, no token replay
                     response = row.text
                 else:
-                    response = join_runs(await self._all_runs(conn, record.stream_id)).text
+                    runs = await self._runs_of(conn, [record.stream_id])
+                    response = join_runs(runs[record.stream_id]).text
                 turns.append(Turn(record, response, row.id))
             head = await conn.scalar(
                 select(func.max(conversation_events.c.seq)).where(
@@ -515,16 +516,9 @@ class SqlStreamRepository:
     async def end_active_streams(self, ending: Ending, at: datetime) -> list[str]:
         changes = ChangeCollector()
         async with self._write(changes) as conn:
-            locked = await conn.execute(
-                select(streams.c.stream_id, streams.c.conversation_id)
-                .where(streams.c.state.in_(_ACTIVE))
-                .order_by(streams.c.id)
-                .with_for_update()
+            return await self._end_all_where(
+                conn, streams.c.state.in_(_ACTIVE), ending, at, changes
             )
-            conversation_of = {row[0]: row[1] for row in locked}
-            ids = list(conversation_of)
-            await self._end_streams(conn, [(i, ending) for i in ids], conversation_of, at, changes)
-            return ids
 
     @_finish_even_if_cancelled
     async def renew_leases(self, owner_id: str, stream_ids: Sequence[str], until: datetime) -> int:
@@ -553,19 +547,11 @@ class SqlStreamRepository:
     async def end_expired_leases(self, now: datetime, ending: Ending) -> list[str]:
         changes = ChangeCollector()
         async with self._write(changes) as conn:
-            locked = await conn.execute(
-                select(streams.c.stream_id, streams.c.conversation_id)
-                .where(
-                    streams.c.state.in_(_ACTIVE),
-                    or_(streams.c.lease_expires_at < now, streams.c.lease_expires_at.is_(None)),
-                )
-                .order_by(streams.c.id)
-                .with_for_update()
+            expired = and_(
+                streams.c.state.in_(_ACTIVE),
+                or_(streams.c.lease_expires_at < now, streams.c.lease_expires_at.is_(None)),
             )
-            conversation_of = {row[0]: row[1] for row in locked}
-            ids = list(conversation_of)
-            await self._end_streams(conn, [(i, ending) for i in ids], conversation_of, now, changes)
-            return ids
+            return await self._end_all_where(conn, expired, ending, now, changes)
 
     @_finish_even_if_cancelled
     async def purge_finished(self, before: datetime) -> PurgeResult:
@@ -753,13 +739,35 @@ class SqlStreamRepository:
         return found is not None
 
     @staticmethod
-    async def _all_runs(conn: AsyncConnection, stream_id: str) -> list[TokenRun]:
-        rows = await conn.execute(
-            select(token_runs.c.start_seq, token_runs.c.text, token_runs.c.token_ends)
-            .where(token_runs.c.stream_id == stream_id)
-            .order_by(token_runs.c.start_seq)
+    async def _runs_of(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, list[TokenRun]]:
+        """Every stored run of each stream, in seq order (an empty list for none)."""
+        runs: dict[str, list[TokenRun]] = {stream_id: [] for stream_id in ids}
+        for row in await conn.execute(_RUNS_OF, {"ids": list(ids)}):
+            runs[row.stream_id].append(
+                TokenRun(row.start_seq, row.text, decode_ends(row.token_ends))
+            )
+        return runs
+
+    async def _end_all_where(
+        self,
+        conn: AsyncConnection,
+        condition: ColumnElement[bool],
+        ending: Ending,
+        at: datetime,
+        changes: ChangeCollector,
+    ) -> list[str]:
+        """Locks the active streams matching `condition` (in the lock order of every writer)
+        and ends them all with `ending`; returns their ids."""
+        locked = await conn.execute(
+            select(streams.c.stream_id, streams.c.conversation_id)
+            .where(condition)
+            .order_by(streams.c.id)
+            .with_for_update()
         )
-        return [TokenRun(r.start_seq, r.text, decode_ends(r.token_ends)) for r in rows]
+        conversation_of = {row[0]: row[1] for row in locked}
+        ids = list(conversation_of)
+        await self._end_streams(conn, [(i, ending) for i in ids], conversation_of, at, changes)
+        return ids
 
     async def _end_streams(
         self,
@@ -782,12 +790,8 @@ class SqlStreamRepository:
             return
         known = known or {}
         ids = [stream_id for stream_id, _ in endings]
-        runs: dict[str, list[TokenRun]] = {stream_id: [] for stream_id in ids}
-        if unknown := [stream_id for stream_id in ids if stream_id not in known]:
-            for row in await conn.execute(_RUNS_OF, {"ids": unknown}):
-                runs[row.stream_id].append(
-                    TokenRun(row.start_seq, row.text, decode_ends(row.token_ends))
-                )
+        unknown = [stream_id for stream_id in ids if stream_id not in known]
+        runs = await self._runs_of(conn, unknown) if unknown else {}
         rows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
         events = []
         for stream_id, ending in endings:

@@ -17,7 +17,7 @@ from tests.postgres import PostgresCluster
 from tokenstream.bench.cases import FULL, SMOKE
 from tokenstream.bench.run import publish, run
 from tokenstream.bench.servers import BASELINE, Target
-from tokenstream.server.event_loop import EVENT_LOOPS
+from tokenstream.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--case", dest="names", action="append", default=[])
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP)
     args = parser.parse_args()
     cases = [c for c in (SMOKE if args.smoke else FULL) if not args.names or c.name in args.names]
     cluster = PostgresCluster(durable=True)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tokenstream.server.event_loop import EVENT_LOOPS
+from tokenstream.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from tokenstream.server.event_loop import run as run_on_loop
 from tokenstream.server.models import GenerationRequest
 from tokenstream.server.models.clock import ClockSource
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--flush-interval", type=float, default=0.005)
     parser.add_argument("--heartbeat-interval", type=float, default=10.0)
     # The same loop as the server under test, so the comparison is of the store alone.
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP)
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         run_on_loop(

@@ -19,6 +19,7 @@ import grpc
 from tokenstream.bench import load
 from tokenstream.bench.cases import Case
 from tokenstream.bench.servers import BASELINE, ServerUnderTest, Target
+from tokenstream.server.event_loop import DEFAULT_EVENT_LOOP
 
 MIB = 1024 * 1024
 
@@ -33,7 +34,7 @@ class Result:
 
 
 async def run_case(
-    case: Case, target: Target, folder: Path, repeats: int = 3, event_loop: str = "uvloop"
+    case: Case, target: Target, folder: Path, repeats: int = 3, event_loop: str = DEFAULT_EVENT_LOOP
 ) -> Result:
     """One server process for the case: a small warm-up run, then `repeats` measured runs
     of a live case (1 of the others); the run with the median headline figure is kept."""
@@ -171,7 +172,7 @@ def report(results: Sequence[Result], out: TextIO) -> None:
             print("  " + "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)), file=out)
 
 
-def machine(event_loop: str = "uvloop") -> dict[str, str | int]:
+def machine(event_loop: str = DEFAULT_EVENT_LOOP) -> dict[str, str | int]:
     return {
         "cpus": os.cpu_count() or 0,
         "python": platform.python_version(),
@@ -185,7 +186,7 @@ async def run(
     cases: Sequence[Case],
     targets: Sequence[Target],
     progress: Callable[[str], None] = lambda _line: None,
-    event_loop: str = "uvloop",
+    event_loop: str = DEFAULT_EVENT_LOOP,
 ) -> list[Result]:
     """Every case on every target, one fresh server process each (all on `event_loop`)."""
     results = []
@@ -202,7 +203,7 @@ def publish(
     results: Sequence[Result],
     out: TextIO = sys.stdout,
     json_path: Path | None = None,
-    event_loop: str = "uvloop",
+    event_loop: str = DEFAULT_EVENT_LOOP,
 ) -> None:
     """Prints the machine and the tables; writes every figure as JSON if asked."""
     print(f"\nmachine: {machine(event_loop)}", file=out)

@@ -14,6 +14,7 @@ import grpc
 import psutil
 
 from tokenstream.bench.cases import Case
+from tokenstream.server.event_loop import DEFAULT_EVENT_LOOP
 
 BASELINE = "baseline"
 READY_TIMEOUT = 30.0
@@ -52,7 +53,9 @@ def _command(target: Target, case: Case, port: int, event_loop: str) -> list[str
 class ServerUnderTest:
     """One server process on 127.0.0.1, with its CPU time and peak memory."""
 
-    def __init__(self, target: Target, case: Case, log: Path, event_loop: str = "uvloop") -> None:
+    def __init__(
+        self, target: Target, case: Case, log: Path, event_loop: str = DEFAULT_EVENT_LOOP
+    ) -> None:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._log = log.open("wb")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tokenstream.server.event_loop import EVENT_LOOPS
+from tokenstream.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
 
 @click.command()
@@ -30,7 +30,7 @@ from tokenstream.server.event_loop import EVENT_LOOPS
 @click.option(
     "--event-loop",
     type=click.Choice(EVENT_LOOPS),
-    default="uvloop",
+    default=DEFAULT_EVENT_LOOP,
     show_default=True,
     help="Event loop of every server in the run, the baseline's included.",
 )

@@ -17,7 +17,7 @@ import click
 from tokenstream.server.auth import AuthSettings
 from tokenstream.server.config import DEFAULT_DATABASE_URL, ServerConfig
 from tokenstream.server.domain import CancelPolicy
-from tokenstream.server.event_loop import EVENT_LOOPS
+from tokenstream.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from tokenstream.server.event_loop import run as run_on_loop
 from tokenstream.server.storage.repository import StreamRepository
 from tokenstream.server.storage.sql.database import DatabaseSettings
@@ -208,7 +208,7 @@ def _security_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--event-loop",
     type=click.Choice(EVENT_LOOPS),
-    default="uvloop",
+    default=DEFAULT_EVENT_LOOP,
     show_default=True,
     help="asyncio event loop implementation (uvloop is faster).",
 )

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 EVENT_LOOPS = ("uvloop", "asyncio")
+DEFAULT_EVENT_LOOP = EVENT_LOOPS[0]
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -26,7 +27,7 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     raise ValueError(f"unknown event loop {name!r}; choose from {', '.join(EVENT_LOOPS)}")
 
 
-def run(main: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
+def run(main: Coroutine[Any, Any, T], loop: str = DEFAULT_EVENT_LOOP) -> T:
     """Runs `main` to completion on a new event loop of the named kind."""
     with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         return runner.run(main)

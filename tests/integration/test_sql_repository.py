@@ -13,7 +13,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -394,12 +394,30 @@ async def test_upgrade_from_the_first_revision_keeps_data(tmp_path: Path) -> Non
             " 'completed', 1, 'ab', ?, '2026-01-01 00:00:00')",
             (stream_id(7), CONV, TokenRun.from_tokens(0, ["a", "b"]).encode_ends()),
         )
+        await conn.exec_driver_sql(
+            "INSERT INTO streams (stream_id, conversation_id, prompt, model, max_tokens, state,"
+            " created_at) VALUES (?, ?, 'live', 'echo', 5, 'running', '2026-01-01 00:00:00')",
+            (stream_id(8), CONV),
+        )
+        for run in (TokenRun.from_tokens(0, ["x", "y"]), TokenRun.from_tokens(2, ["z"])):
+            await conn.exec_driver_sql(
+                "INSERT INTO token_runs (stream_id, start_seq, end_seq, text, token_ends)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (stream_id(8), run.start_seq, run.end_seq, run.text, run.encode_ends()),
+            )
     await upgrade_to_head(db)
+    async with db.connect() as conn:
+        created = await conn.scalar(text("SELECT sql FROM sqlite_master WHERE name = 'token_runs'"))
+    assert "WITHOUT ROWID" in created  # runs clustered by their key (revision 0005)
     repository = SqlStreamRepository(db)
     record = await repository.get_stream(stream_id(7))
     assert (record.prompt, record.state, record.head_seq) == ("old", StreamState.COMPLETED, 1)
     runs = await repository.read_runs(stream_id(7), 1, 100)
     assert [c.text for c in runs[0].chunks(1, 100)] == ["b"]
+    live = await repository.get_stream(stream_id(8))
+    assert (live.state, live.head_seq) == (StreamState.RUNNING, 2)
+    runs = await repository.read_runs(stream_id(8), 1, 100)
+    assert "".join(c.text for run in runs for c in run.chunks(1, 100)) == "yz"
     await repository.close()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -236,6 +237,11 @@ async def _build(
 async def serve(config: ServerConfig) -> None:
     """Runs until SIGINT or SIGTERM, then stops gracefully."""
     server, _port = await create_server(config)
+    # What exists by now (modules, descriptors, the schema, the wiring) lives as long as the
+    # process: parked outside the collector, it is not traversed again by every full
+    # collection, which otherwise paused delivery for ~60 ms at a time under load.
+    gc.collect()
+    gc.freeze()
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -95,7 +95,8 @@ streams = Table(
     Index(None, "finished_at"),
 )
 
-# Tokens of streams that have not ended yet, one row per stream per group commit.
+# Tokens of streams that have not ended yet, one row per stream per group commit. SQLite
+# clusters them by their key (WITHOUT ROWID): one b-tree to write and to delete from.
 token_runs = Table(
     "token_runs",
     metadata,
@@ -109,6 +110,7 @@ token_runs = Table(
     Column("end_seq", BigInteger, nullable=False),
     Column("text", Text, nullable=False),
     Column("token_ends", LargeBinary, nullable=False),
+    sqlite_with_rowid=False,
 )
 
 # Who belongs to a conversation, and with which role (1 owner, 2 member, 3 viewer).

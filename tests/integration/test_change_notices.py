@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import Connection
 
 from tests.postgres import asyncpg_dsn
 from tokenstream.server.domain import Ending, Role, StreamState, TokenRun
@@ -111,9 +112,12 @@ async def test_a_transaction_that_rolls_back_sends_no_notice(
     heard = Heard()
     assert await reader.listen(heard)
     changes = ChangeCollector(conversations={"conv_" + "r" * 26})
+
+    def fails(_conn: Connection) -> None:
+        raise RuntimeError("the write fails after recording a change")
+
     with pytest.raises(RuntimeError):
-        async with writer._write(changes):
-            raise RuntimeError("the write fails after recording a change")
+        await writer._write(fails, changes)
     await writer.create_stream(new_stream(4, new=True))
     assert await heard.next() == StoreChange(conversations=frozenset({CONV}))  # only this one
 

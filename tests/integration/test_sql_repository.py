@@ -58,10 +58,11 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-async def repo(engine: AsyncEngine) -> SqlStreamRepository:
+async def repo(engine: AsyncEngine) -> AsyncIterator[SqlStreamRepository]:
     repository = SqlStreamRepository(engine)
     await repository.create_stream(new_stream(0, new_conversation=True))
-    return repository
+    yield repository
+    await repository.close()
 
 
 async def test_migrations_match_the_schema(engine: AsyncEngine) -> None:

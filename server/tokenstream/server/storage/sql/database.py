@@ -6,8 +6,9 @@ import fcntl
 from dataclasses import dataclass
 from typing import IO, Any
 
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 # Execution option marking a connection whose transaction will write (see `_sqlite_begin`).
@@ -16,6 +17,13 @@ WRITE_OPTION = "tokenstream_write"
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
+
+
+def is_sqlite_file(url: URL) -> bool:
+    """An SQLite database in a file (not one that lives only in its connection's memory)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return False
+    return url.query.get("mode") != "memory"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +63,21 @@ def create_engine(url: str, settings: DatabaseSettings | None = None) -> AsyncEn
             "command_timeout": timeout + 5 if timeout else None,
         },
     )
+
+
+def create_sqlite_thread_engine(url: URL, connections: int) -> Engine:
+    """A synchronous engine on the same SQLite file as `url`, with the same settings, for
+    transactions run whole on database threads (see transactions.py). A connection is
+    used by one thread at a time, but not always the thread that opened it."""
+    engine = create_sync_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        pool_size=connections,
+        max_overflow=0,
+        connect_args={"check_same_thread": False},
+    )
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenstream.server.domain import Ending, Role, StreamState, TokenRun
-from tokenstream.server.storage.errors import AlreadyExists, NotFound
+from tokenstream.server.storage.errors import AlreadyExists, NotFound, StorageUnavailable
 from tokenstream.server.storage.repository import NewStream, PurgeResult, WriteBatch
 from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
 from tokenstream.server.storage.sql import repository as sql_repository
@@ -453,3 +453,33 @@ async def test_concurrent_writers_number_conversation_events_without_gaps(
     finally:
         for replica in replicas:
             await replica.close()
+
+
+async def test_calls_after_close_are_unavailable(engine: AsyncEngine) -> None:
+    repository = SqlStreamRepository(engine)
+    await repository.create_stream(new_stream(0, new_conversation=True))
+    await repository.close()
+    with pytest.raises(StorageUnavailable, match="closed"):
+        await repository.get_stream(stream_id(0))
+    with pytest.raises(StorageUnavailable, match="closed"):
+        await repository.commit(
+            WriteBatch(NOW, endings=[(stream_id(0), Ending(StreamState.FAILED))])
+        )
+
+
+async def test_migrations_go_down_a_revision_and_up_again_keeping_runs(
+    repo: SqlStreamRepository, engine: AsyncEngine
+) -> None:
+    run = TokenRun.from_tokens(0, ["x", "y"])
+    await repo.commit(WriteBatch(NOW, runs=[(stream_id(0), run)]))
+
+    def down_to_0004(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0004")
+
+    async with engine.begin() as conn:
+        await conn.run_sync(down_to_0004)
+    await upgrade_to_head(engine)
+    (stored,) = await repo.read_runs(stream_id(0), 0, 100)
+    assert (stored.start_seq, stored.text) == (0, "xy")

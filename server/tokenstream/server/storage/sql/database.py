@@ -21,9 +21,9 @@ def is_sqlite(url: str) -> bool:
 
 def is_sqlite_file(url: URL) -> bool:
     """An SQLite database in a file (not one that lives only in its connection's memory)."""
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    if url.get_backend_name() != "sqlite" or not url.database:
         return False
-    return url.query.get("mode") != "memory"
+    return ":memory:" not in url.database and url.query.get("mode") != "memory"
 
 
 @dataclass(frozen=True, slots=True)

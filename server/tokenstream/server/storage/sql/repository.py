@@ -497,8 +497,10 @@ def _read_runs(conn: Connection, stream_id: str, from_seq: int, max_chars: int) 
     if row.text is not None:  # compacted: the whole response is one run
         return [TokenRun(0, row.text, decode_ends(row.token_ends))]
     # Streamed (PostgreSQL: a server-side cursor): reading stops at `max_chars`.
-    result = conn.execution_options(stream_results=True).execute(
-        _RUNS_FROM, {"stream_id": stream_id, "from_seq": from_seq}
+    result = conn.execute(
+        _RUNS_FROM,
+        {"stream_id": stream_id, "from_seq": from_seq},
+        execution_options={"stream_results": True},
     )
     runs: list[TokenRun] = []
     chars = 0
@@ -676,6 +678,7 @@ class SqlStreamRepository:
         self._notifies = engine.dialect.name == "postgresql"
         self._origin = uuid.uuid4().hex[:16]
         self._listener: ChangeListener | None = None
+        self._closed = False
 
     async def listen(self, on_change: ChangeHandler) -> bool:
         if not self._notifies:
@@ -691,12 +694,14 @@ class SqlStreamRepository:
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
+        self._closed = True
         if self._inflight:  # calls whose callers were cancelled: let them return connections
             await asyncio.wait(set(self._inflight), timeout=10)
         await self._transactions.close()
 
     async def _read(self, body: Callable[[Connection], T]) -> T:
         """Runs `body` in a read transaction: every statement in it sees one snapshot."""
+        self._check_open()
         async with _unavailable_on_outage():
             return await self._transactions.read(body)
 
@@ -717,8 +722,13 @@ class SqlStreamRepository:
                 conn.execute(_NOTIFY, {"channel": CHANNEL, "payloads": payloads})
             return result
 
+        self._check_open()
         async with _unavailable_on_outage():
             return await self._transactions.write(then_notify if self._notifies else body)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageUnavailable("the store is closed (the server is stopping)")
 
     @_finish_even_if_cancelled
     async def create_stream(self, new: NewStream) -> StreamRecord:

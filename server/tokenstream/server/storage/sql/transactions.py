@@ -16,6 +16,7 @@ reads to a few others, each with a snapshot of its own (WAL).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -30,6 +31,7 @@ from tokenstream.server.storage.sql.database import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Threads reading an SQLite file at once (WAL readers do not wait for the writer).
 SQLITE_READERS = 4
@@ -45,7 +47,9 @@ class Transactions(Protocol):
         it raises (SQLite: holding the write lock from the start)."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Waits for the transactions under way (for a while), then lets go of the engine."""
+        ...
 
 
 def transactions_for(engine: AsyncEngine) -> Transactions:
@@ -111,9 +115,19 @@ class OnSqliteThreads:
             with conn.begin():
                 return body(conn)
 
-    async def close(self) -> None:
-        # The repository waited for its calls; a thread still busy finishes on its own.
+    async def close(self, wait_up_to: float = 10.0) -> None:
+        """Stops the threads once their current transaction is done (the caller then lets
+        go of the database file: nothing may commit after that), up to `wait_up_to` s."""
         for executor in (self._writer, self._readers):
             executor.shutdown(wait=False, cancel_futures=True)
+
+        def finish() -> None:
+            for executor in (self._writer, self._readers):
+                executor.shutdown(wait=True)
+
+        try:
+            await asyncio.wait_for(asyncio.to_thread(finish), wait_up_to)
+        except TimeoutError:
+            log.warning("a database thread was still busy after %.0f s; closing anyway", wait_up_to)
         self._engine.dispose()
         await self._async_engine.dispose()

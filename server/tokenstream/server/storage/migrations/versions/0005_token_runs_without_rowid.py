@@ -34,6 +34,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Runs whose stream is gone would refuse the key; there are none unless written by hand.
+    op.execute("DELETE FROM token_runs WHERE stream_id NOT IN (SELECT stream_id FROM streams)")
     with op.batch_alter_table("token_runs", table_kwargs={"sqlite_with_rowid": True}) as batch:
         batch.create_foreign_key(
             op.f(_FOREIGN_KEY), "streams", ["stream_id"], ["stream_id"], ondelete="CASCADE"

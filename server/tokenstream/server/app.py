@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -242,6 +243,11 @@ async def serve(config: ServerConfig) -> None:
     # collection, which otherwise paused delivery for ~60 ms at a time under load.
     gc.collect()
     gc.freeze()
+    # The SQLite store works on threads (storage/sql/transactions.py). While the loop runs
+    # Python, a thread waiting for the GIL gets it only after the switch interval, several
+    # times per commit: 1 ms instead of the default 5 brought the paced p99 from ~22 ms to
+    # ~16 ms, with no loss at full speed. (One thread alone never switches.)
+    sys.setswitchinterval(0.001)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

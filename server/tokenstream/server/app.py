@@ -245,9 +245,10 @@ async def serve(config: ServerConfig) -> None:
     gc.freeze()
     # The SQLite store works on threads (storage/sql/transactions.py). While the loop runs
     # Python, a thread waiting for the GIL gets it only after the switch interval, several
-    # times per commit: 1 ms instead of the default 5 brought the paced p99 from ~22 ms to
-    # ~16 ms, with no loss at full speed. (One thread alone never switches.)
-    sys.setswitchinterval(0.001)
+    # times per commit. 2 ms instead of the default 5 brought the paced p99 from ~23 ms to
+    # ~18 ms; 1 ms gave ~16 ms but cost ~20 % of full-speed fan-out to three subscribers
+    # per stream. (A process with one thread never switches.)
+    sys.setswitchinterval(0.002)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

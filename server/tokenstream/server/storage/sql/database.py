@@ -15,13 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 WRITE_OPTION = "tokenstream_write"
 
 
-def is_sqlite(url: str) -> bool:
+def is_sqlite(url: str | URL) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
 def is_sqlite_file(url: URL) -> bool:
     """An SQLite database in a file (not one that lives only in its connection's memory)."""
-    if url.get_backend_name() != "sqlite" or not url.database:
+    if not is_sqlite(url) or not url.database:
         return False
     return ":memory:" not in url.database and url.query.get("mode") != "memory"
 
@@ -45,8 +45,7 @@ class DatabaseSettings:
 def create_engine(url: str, settings: DatabaseSettings | None = None) -> AsyncEngine:
     if is_sqlite(url):
         engine = create_async_engine(url)
-        event.listen(engine.sync_engine, "connect", _sqlite_connect)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        _use_sqlite_settings(engine.sync_engine)
         return engine
     settings = settings or DatabaseSettings()
     timeout = settings.statement_timeout
@@ -75,9 +74,14 @@ def create_sqlite_thread_engine(url: URL, connections: int) -> Engine:
         max_overflow=0,
         connect_args={"check_same_thread": False},
     )
+    _use_sqlite_settings(engine)
+    return engine
+
+
+def _use_sqlite_settings(engine: Engine) -> None:
+    """Every SQLite connection: the pragmas below, and transactions begun explicitly."""
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)
-    return engine
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

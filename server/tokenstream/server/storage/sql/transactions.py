@@ -73,15 +73,15 @@ class OnEventLoop:
         )
 
     async def read(self, body: Callable[[Connection], T]) -> T:
-        async with self._engine.connect() as conn:
-            if self._read_options:
-                await conn.execution_options(**self._read_options)
-            async with conn.begin():
-                return await conn.run_sync(body)
+        return await self._run(body, self._read_options)
 
     async def write(self, body: Callable[[Connection], T]) -> T:
+        return await self._run(body, {WRITE_OPTION: True})
+
+    async def _run(self, body: Callable[[Connection], T], options: dict[str, Any]) -> T:
         async with self._engine.connect() as conn:
-            await conn.execution_options(**{WRITE_OPTION: True})
+            if options:
+                await conn.execution_options(**options)
             async with conn.begin():
                 return await conn.run_sync(body)
 

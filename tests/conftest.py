@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.postgres import PostgresCluster
+from tests.postgres import PostgresCluster, running_cluster
 from tokenstream.server import ServerConfig, TokenStreamServer, create_server
 from tokenstream.server.streams import EngineSettings
 from tokenstream.v1 import tokenstream_pb2_grpc as pb_grpc
@@ -79,12 +79,8 @@ async def paced_server(start_server: ServerFactory) -> RunningServer:
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
     """One throw-away PostgreSQL cluster for the whole run, started on first use."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.remove()
 
 
 @pytest.fixture

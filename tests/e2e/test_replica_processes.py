@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e.conftest import ServerProcess
 from tests.e2e.conftest import run_tokenstream as run_cli
-from tests.postgres import PostgresCluster
+from tests.postgres import PostgresCluster, running_cluster
 from tokenstream.client import Chunk, StreamEnd, TokenStreamClient
 from tokenstream.server.models.synthetic import synthetic_tokens
 
@@ -183,12 +183,8 @@ async def test_a_killed_replica_s_streams_end_interrupted_on_the_others(
 @pytest.fixture
 def own_cluster() -> Iterator[PostgresCluster]:
     """A cluster of this test's own, since the test restarts it."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.remove()
 
 
 async def test_a_database_restart_while_streaming_loses_no_token(

@@ -4,6 +4,7 @@ event loop for PostgreSQL and an in-memory SQLite; the same results either way."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -12,7 +13,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenstream.server.domain import Ending, StreamState, TokenRun
 from tokenstream.server.storage.repository import NewStream, WriteBatch
@@ -27,19 +27,27 @@ def conversation(n: int) -> str:
     return "conv_" + "t" * 25 + "abcdefghij"[n]
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    db = create_engine(database_url)
+@contextlib.asynccontextmanager
+async def runner_on(url: str) -> AsyncIterator[Transactions]:
+    """The transactions of a migrated database at `url` (closing them disposes it)."""
+    db = create_engine(url)
     await upgrade_to_head(db)
-    yield db
-    await db.dispose()
+    runner = transactions_for(db)
+    try:
+        yield runner
+    finally:
+        await runner.close()
 
 
 @pytest.fixture
-async def transactions(engine: AsyncEngine) -> AsyncIterator[Transactions]:
-    runner = transactions_for(engine)
-    yield runner
-    await runner.close()
+async def transactions(database_url: str) -> AsyncIterator[Transactions]:
+    async with runner_on(database_url) as runner:
+        yield runner
+
+
+@pytest.fixture
+def sqlite_file(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
 
 
 def add_conversation(n: int) -> Callable[[Connection], None]:
@@ -53,29 +61,18 @@ def count(conn: Connection) -> int:
     return int(conn.scalar(select(func.count()).select_from(conversations)) or 0)
 
 
-async def test_sqlite_file_transactions_run_off_the_event_loop(tmp_path: Path) -> None:
-    db = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
-    await upgrade_to_head(db)
-    runner = transactions_for(db)
-    try:
-        loop_thread = threading.get_ident()
+async def test_sqlite_file_transactions_run_off_the_event_loop(sqlite_file: str) -> None:
+    async with runner_on(sqlite_file) as runner:
         threads = await asyncio.gather(
             runner.write(lambda _conn: threading.get_ident()),
             runner.read(lambda _conn: threading.get_ident()),
         )
-        assert loop_thread not in threads
-    finally:
-        await runner.close()
+    assert threading.get_ident() not in threads
 
 
 async def test_postgres_transactions_run_on_the_event_loop(postgres_url: str) -> None:
-    db = create_engine(postgres_url)
-    await upgrade_to_head(db)
-    runner = transactions_for(db)
-    try:
+    async with runner_on(postgres_url) as runner:
         assert await runner.read(lambda _conn: threading.get_ident()) == threading.get_ident()
-    finally:
-        await runner.close()
 
 
 async def test_a_write_commits_when_its_body_returns_and_rolls_back_when_it_raises(
@@ -92,11 +89,8 @@ async def test_a_write_commits_when_its_body_returns_and_rolls_back_when_it_rais
     assert await transactions.read(count) == 1
 
 
-async def test_a_read_is_not_held_up_by_a_write_in_progress(tmp_path: Path) -> None:
+async def test_a_read_is_not_held_up_by_a_write_in_progress(sqlite_file: str) -> None:
     """SQLite (WAL): a reader sees the last commit while a write holds the lock."""
-    db = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
-    await upgrade_to_head(db)
-    runner = transactions_for(db)
     writing, release = threading.Event(), threading.Event()
 
     def slow_write(conn: Connection) -> None:
@@ -104,16 +98,16 @@ async def test_a_read_is_not_held_up_by_a_write_in_progress(tmp_path: Path) -> N
         writing.set()
         assert release.wait(10), "the test never released the write"
 
-    try:
-        write = asyncio.ensure_future(runner.write(slow_write))
-        assert await asyncio.to_thread(writing.wait, 10)
-        assert await asyncio.wait_for(runner.read(count), 5) == 0  # before the commit
-        release.set()
-        await write
-        assert await runner.read(count) == 1
-    finally:
-        release.set()
-        await runner.close()
+    async with runner_on(sqlite_file) as runner:
+        try:
+            write = asyncio.ensure_future(runner.write(slow_write))
+            assert await asyncio.to_thread(writing.wait, 10)
+            assert await asyncio.wait_for(runner.read(count), 5) == 0  # before the commit
+            release.set()
+            await write
+            assert await runner.read(count) == 1
+        finally:
+            release.set()  # before closing, which waits for the write
 
 
 async def test_writes_asked_at_once_all_land(transactions: Transactions, database_url: str) -> None:

@@ -199,6 +199,32 @@ async def test_an_ending_uses_the_writers_whole_response_only_when_it_fits(
     assert texts == {0: ["A", "BB", "CCC"], 1: tokens}
 
 
+async def test_an_ending_without_tokens_uses_the_response_that_ends_at_the_stored_head(
+    repo: SqlStreamRepository,
+) -> None:
+    """An ending whose tokens went in earlier commits (the writer ends a few streams per
+    commit): the given response is checked against the stored head instead of this batch."""
+    await repo.create_stream(new_stream(1))
+    tokens = ["a", "bb", "ccc"]
+    for n in (0, 1):
+        await repo.commit(WriteBatch(NOW, runs=[(stream_id(n), TokenRun.from_tokens(0, tokens))]))
+    given = TokenRun.from_tokens(0, ["A", "BB", "CCC"])
+    short = TokenRun.from_tokens(0, ["X", "YY"])
+    await repo.commit(
+        WriteBatch(
+            NOW,
+            endings=[(stream_id(n), Ending(StreamState.COMPLETED)) for n in (0, 1)],
+            responses={stream_id(0): given, stream_id(1): short},
+        )
+    )
+    texts = {}
+    for n in (0, 1):
+        (run,) = await repo.read_runs(stream_id(n), 0, 100)
+        texts[n] = [c.text for c in run.chunks(0, 1)]
+    assert texts == {0: ["A", "BB", "CCC"], 1: tokens}
+    assert (await repo.get_stream(stream_id(1))).head_seq == 2
+
+
 async def test_first_ending_wins(repo: SqlStreamRepository) -> None:
     await repo.commit(WriteBatch(NOW, endings=[(stream_id(0), Ending(StreamState.CANCELLED))]))
     late = (

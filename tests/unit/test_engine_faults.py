@@ -188,6 +188,34 @@ async def test_store_refusing_one_stream_does_not_stall_the_others(
     await engine.stop(grace=0)
 
 
+async def test_a_refused_stream_fails_even_when_its_ending_was_put_off(
+    repo: FaultyRepository,
+) -> None:
+    """The doomed stream's ending waits for a later commit (one ending per commit) while the
+    batch with its tokens is refused: it must end `storage_error`, not COMPLETED."""
+    source = ScriptedSource(TOKENS, gated=True)
+    settings = replace(SETTINGS, max_batch_endings=1, flush_interval=0.05)
+    engine = StreamEngine(repo, ModelRegistry({"scripted": source}, "scripted"), settings)
+    await engine.start()
+    healthy = await engine.submit(SubmitCommand(prompt="healthy"))
+    doomed = await engine.submit(SubmitCommand(prompt="doomed"))
+    original = repo.commit
+
+    async def refuse_doomed(batch: WriteBatch) -> CommitResult:
+        if any(sid == doomed.stream_id for sid, _ in batch.runs):
+            raise ValueError("value too long for this column")
+        return await original(batch)
+
+    repo.commit = refuse_doomed  # type: ignore[method-assign]
+    source.release(len(TOKENS) * 2)  # both end within one flush interval
+    async with asyncio.timeout(10):
+        _, end = await collect(await engine.subscribe(healthy.stream_id, 0))
+        _, doomed_end = await collect(await engine.subscribe(doomed.stream_id, 0))
+    assert end.state is StreamState.COMPLETED
+    assert (doomed_end.state, doomed_end.reason) == (StreamState.FAILED, "storage_error")
+    await engine.stop(grace=0)
+
+
 async def test_stop_finishes_even_when_the_store_is_down(repo: FaultyRepository) -> None:
     source = ScriptedSource(TOKENS, gated=True)
     engine = engine_for(repo, ("scripted", source))
@@ -253,9 +281,13 @@ class CountingRepository(MemoryStreamRepository):
     def __init__(self) -> None:
         super().__init__()
         self.batch_sizes: list[int] = []
+        self.batch_endings: list[int] = []
+        self.ended_with_response: list[bool] = []
 
     async def commit(self, batch: WriteBatch) -> CommitResult:
         self.batch_sizes.append(sum(len(run.ends) for _, run in batch.runs))
+        self.batch_endings.append(len(batch.endings))
+        self.ended_with_response.extend(s in batch.responses for s, _ in batch.endings)
         return await super().commit(batch)
 
 
@@ -272,6 +304,26 @@ async def test_commits_are_bounded_by_max_batch_tokens() -> None:
         assert end.final_seq == 499
     assert max(repo.batch_sizes) == 64  # split, never larger
     assert sum(repo.batch_sizes) == 1500
+    await engine.stop(grace=0)
+
+
+async def test_commits_end_at_most_max_batch_endings_streams() -> None:
+    """Streams ending at once are ended a few per commit; their tokens do not wait, and
+    each ending still carries the whole response from memory (no read-back)."""
+    repo = CountingRepository()
+    settings = replace(SETTINGS, max_batch_endings=2, flush_interval=0.05)
+    source = ScriptedSource(TOKENS, gated=True)
+    engine = StreamEngine(repo, ModelRegistry({"s": source}, "s"), settings)
+    await engine.start()
+    subs = [await engine.submit(SubmitCommand(prompt=f"p{i}")) for i in range(6)]
+    source.release(len(TOKENS) * len(subs))  # every stream ends within one flush interval
+    for sub in subs:
+        chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
+        assert "".join(c.text for c in chunks) == "".join(TOKENS)
+        assert (end.state, end.final_seq) == (StreamState.COMPLETED, len(TOKENS) - 1)
+    assert max(repo.batch_endings) == 2
+    assert sum(repo.batch_endings) == 6
+    assert all(repo.ended_with_response)
     await engine.stop(grace=0)
 
 

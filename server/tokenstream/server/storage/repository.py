@@ -123,7 +123,8 @@ class WriteBatch:
     endings: list[tuple[str, Ending]] = field(default_factory=list)
     # The whole response of an ending stream, from seq 0, when the writer holds it in memory:
     # it spares reading back a run per commit (a model-paced stream has a run per token).
-    # Used only when it ends where this batch's run for the stream ends; else read back.
+    # Used only when it ends where the stream's stored tokens (this batch's included) end;
+    # else read back.
     responses: dict[str, TokenRun] = field(default_factory=dict)
 
 

@@ -130,6 +130,7 @@ class StreamEngine:
             settings.flush_interval,
             settings.max_pending_tokens,
             settings.max_batch_tokens,
+            settings.max_batch_endings,
         )
         self._generations = Generations(
             self._writer, settings.stall_timeout, settings.live_tail_tokens

@@ -16,6 +16,10 @@ class EngineSettings:
     flush_interval: float = 0.005
     # Most tokens written by one commit; more waits for the next one (keeps commits short).
     max_batch_tokens: int = 10_000
+    # Most streams ended by one commit; later endings wait for the next one (their tokens
+    # do not). Ending a stream compacts and deletes its runs: ~0.1-0.25 ms of commit each,
+    # and a hundred streams ending at once would hold up every other stream's tokens.
+    max_batch_endings: int = 16
     # Generators wait when this many tokens are waiting for a commit (the store is behind).
     max_pending_tokens: int = 50_000
     # Upper bound on the text of one chunk sent to a subscriber (characters).

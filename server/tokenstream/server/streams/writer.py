@@ -57,11 +57,13 @@ class BatchWriter:
         flush_interval: float,
         max_pending_tokens: int,
         max_batch_tokens: int = 10_000,
+        max_batch_endings: int = 16,
     ) -> None:
         self._repository = repository
         self._flush_interval = flush_interval
         self._max_pending = max_pending_tokens
         self._max_batch = max(max_batch_tokens, 1)
+        self._max_endings = max(max_batch_endings, 1)
         self._pending: Batch = {}
         self._pending_tokens = 0
         # New streams wait for the next group commit too: one transaction creates many, and
@@ -243,7 +245,18 @@ class BatchWriter:
         return remaining
 
     def _take_batch(self) -> Batch:
-        """Up to `max_batch_tokens` pending tokens, oldest streams first; the rest waits."""
+        """Up to `max_batch_tokens` pending tokens, oldest streams first, and up to
+        `max_batch_endings` endings; the rest waits for the next commit."""
+        batch = self._take_tokens()
+        ending = [live for live, pending in batch.items() if pending.ending is not None]
+        for live in ending[self._max_endings :]:
+            pending = batch[live]
+            self._entry(live).ending, pending.ending = pending.ending, None
+            if not pending.tokens:
+                del batch[live]
+        return batch
+
+    def _take_tokens(self) -> Batch:
         if self._pending_tokens <= self._max_batch:
             everything, self._pending = self._pending, {}
             return everything
@@ -269,12 +282,12 @@ class BatchWriter:
             if pending.tokens:
                 start = live.head_seq + 1
                 write.runs.append((live.stream_id, TokenRun.from_tokens(start, pending.tokens)))
-                if pending.ending is not None and live.base_seq == 0:
+            if pending.ending is not None:
+                write.endings.append((live.stream_id, pending.ending))
+                if live.base_seq == 0:
                     # Memory holds every durable token: the response needs no read-back.
                     response = TokenRun.from_tokens(0, live.tokens + pending.tokens)
                     write.responses[live.stream_id] = response
-            if pending.ending is not None:
-                write.endings.append((live.stream_id, pending.ending))
         return write
 
     def _apply(self, batch: Batch, terminal: dict[str, StreamRecord]) -> None:
@@ -350,6 +363,9 @@ class BatchWriter:
                 )
                 live.request_stop(ending)
                 remaining[live] = _Pending(ending=ending)
+                # An ending put off to a later commit must not replace this one.
+                if (deferred := self._pending.pop(live, None)) is not None:
+                    self._pending_tokens -= len(deferred.tokens)
         return remaining
 
     def _abandon(self, batch: Batch) -> None:

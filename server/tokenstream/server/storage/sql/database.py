@@ -78,6 +78,30 @@ def create_sqlite_thread_engine(url: URL, connections: int) -> Engine:
     return engine
 
 
+def create_sqlite_loop_engine(url: URL) -> Engine:
+    """One connection on the same SQLite file, for brief writes made on the event loop
+    itself (see transactions.py). It never waits for the write lock (busy_timeout 0: the
+    write goes to the writer thread instead) and never checkpoints the WAL at commit (a
+    checkpoint writes and syncs the database file; the writer thread does that)."""
+    engine = create_sync_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        pool_size=1,
+        max_overflow=0,
+        # Also while connecting (setting WAL mode): the driver would wait 5 s by default.
+        connect_args={"check_same_thread": False, "timeout": 0},
+    )
+    _use_sqlite_settings(engine)
+    event.listen(engine, "connect", _never_wait)
+    return engine
+
+
+def _never_wait(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=0")
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.close()
+
+
 def _use_sqlite_settings(engine: Engine) -> None:
     """Every SQLite connection: the pragmas below, and transactions begun explicitly."""
     event.listen(engine, "connect", _sqlite_connect)

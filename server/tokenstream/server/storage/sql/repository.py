@@ -87,6 +87,16 @@ _RECORD_COLUMNS = [
     streams.c.author,
 ]
 
+# A brief group commit (see `_is_brief`) writes at most this much. Paced 100 x 50 tok/s
+# commits ~60 runs of a token or two, and ~50 endings of 250 tokens when the streams end.
+# Full speed commits ~100 runs of ~100 tokens; 1000 streams submitted at once are created
+# dozens per commit (brief, each commit would take in only the few that arrived during
+# the last: many small commits).
+BRIEF_ROWS = 128  # streams created, appended to or ended
+BRIEF_CREATIONS = 32
+BRIEF_RUN_TOKENS = 1024
+BRIEF_RESPONSE_TOKENS = 16_384  # of the ending streams, compacted into their rows
+
 # The statements of the hot paths (group commit, subscribe, resume), built once: building
 # and hashing a statement costs more CPU than SQLite takes to run it. Lists bind as
 # expanding parameters.
@@ -115,6 +125,11 @@ _DELETE_RUNS = delete(token_runs).where(token_runs.c.stream_id.in_(_IDS))
 _RECORDS = select(*_RECORD_COLUMNS).where(streams.c.stream_id.in_(_IDS))
 _RECORD = select(*_RECORD_COLUMNS).where(streams.c.stream_id == _ID)
 _HEAD = select(func.max(token_runs.c.end_seq)).where(token_runs.c.stream_id == _ID)
+_HEADS = (
+    select(token_runs.c.stream_id, func.max(token_runs.c.end_seq))
+    .where(token_runs.c.stream_id.in_(_IDS))
+    .group_by(token_runs.c.stream_id)
+)
 # PostgreSQL: a writer holds its conversations' rows until it commits, so two replicas
 # never number events from the same head. In one order, and NO KEY UPDATE, which the
 # KEY SHARE locks that foreign-key checks took earlier in the transaction do not block:
@@ -443,6 +458,29 @@ def _end_streams(
     _append_events(conn, events, changes)
 
 
+def _stored_heads(conn: Connection, ids: list[str]) -> dict[str, int]:
+    """The newest stored seq of each stream (-1: none yet)."""
+    heads = {stream_id: -1 for stream_id in ids}
+    heads.update((row[0], int(row[1])) for row in conn.execute(_HEADS, {"ids": ids}))
+    return heads
+
+
+def _is_brief(batch: WriteBatch) -> bool:
+    """A group commit as streams paced like a model make it: few rows, few tokens each.
+    One that must read an ending stream's runs back is never brief."""
+    if len(batch.creations) + len(batch.runs) + len(batch.endings) > BRIEF_ROWS:
+        return False
+    if len(batch.creations) > BRIEF_CREATIONS:
+        return False
+    if any(stream_id not in batch.responses for stream_id, _ in batch.endings):
+        return False
+    if sum(len(run.ends) for _, run in batch.runs) > BRIEF_RUN_TOKENS:
+        return False
+    return sum(len(response.ends) for response in batch.responses.values()) <= (
+        BRIEF_RESPONSE_TOKENS
+    )
+
+
 def _commit(conn: Connection, batch: WriteBatch, changes: ChangeCollector) -> CommitResult:
     touched = {stream_id for stream_id, _ in batch.runs}
     touched.update(stream_id for stream_id, _ in batch.endings)
@@ -474,6 +512,8 @@ def _commit(conn: Connection, batch: WriteBatch, changes: ChangeCollector) -> Co
                 changes.conversations.add(conversation_of[stream_id])
     ending_now = [(s, e) for s, e in batch.endings if s in active]
     written = {stream_id: run.end_seq for stream_id, run in batch.runs}
+    if unwritten := [s for s, _ in ending_now if s not in written and s in batch.responses]:
+        written.update(_stored_heads(conn, unwritten))
     known = {
         stream_id: response
         for stream_id, response in batch.responses.items()
@@ -706,10 +746,13 @@ class SqlStreamRepository:
             return await self._transactions.read(body)
 
     async def _write(
-        self, body: Callable[[Connection], T], changes: ChangeCollector | None = None
+        self,
+        body: Callable[[Connection], T],
+        changes: ChangeCollector | None = None,
+        brief: bool = False,
     ) -> T:
         """Runs `body` in a write transaction, holding the write lock from its start on
-        SQLite.
+        SQLite. `brief`: it writes a few rows (see `Transactions.write`).
 
         What the body records in `changes` is announced to other processes as the
         transaction commits (PostgreSQL NOTIFY is delivered at commit, and only then).
@@ -724,7 +767,7 @@ class SqlStreamRepository:
 
         self._check_open()
         async with _unavailable_on_outage():
-            return await self._transactions.write(then_notify if self._notifies else body)
+            return await self._transactions.write(then_notify if self._notifies else body, brief)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -765,7 +808,9 @@ class SqlStreamRepository:
     @_finish_even_if_cancelled
     async def commit(self, batch: WriteBatch) -> CommitResult:
         changes = ChangeCollector()
-        return await self._write(lambda conn: _commit(conn, batch, changes), changes)
+        return await self._write(
+            lambda conn: _commit(conn, batch, changes), changes, brief=_is_brief(batch)
+        )
 
     @_finish_even_if_cancelled
     async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:

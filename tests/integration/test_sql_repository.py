@@ -171,48 +171,26 @@ async def test_many_streams_ending_in_one_commit_are_each_compacted(
     assert other_events[-1].data["stream_id"] == stream_id(3)
 
 
+@pytest.mark.parametrize("last_token_in_the_ending_batch", [True, False])
 async def test_an_ending_uses_the_writers_whole_response_only_when_it_fits(
-    repo: SqlStreamRepository,
+    repo: SqlStreamRepository, last_token_in_the_ending_batch: bool
 ) -> None:
+    """Stream 0: the response given ends where the stream's stored tokens end (this batch's
+    run, or, with no run in it, the stored head: the writer ends a few streams per commit),
+    so it is stored as given (no read-back). Stream 1: one token short, so it is ignored."""
     await repo.create_stream(new_stream(1))
     tokens = ["a", "bb", "ccc"]
+    earlier = tokens[:2] if last_token_in_the_ending_batch else tokens
     for n in (0, 1):
-        run = TokenRun.from_tokens(0, tokens[:2])
+        run = TokenRun.from_tokens(0, earlier)
         await repo.commit(WriteBatch(NOW, runs=[(stream_id(n), run)]))
     last = TokenRun.from_tokens(2, tokens[2:])
-    # Stream 0: the response given ends where this batch's run ends, so it is stored as
-    # given (no read-back). Stream 1: it does not (one token short), so it is ignored.
     given = TokenRun.from_tokens(0, ["A", "BB", "CCC"])
     short = TokenRun.from_tokens(0, ["X", "YY"])
     await repo.commit(
         WriteBatch(
             NOW,
-            runs=[(stream_id(0), last), (stream_id(1), last)],
-            endings=[(stream_id(n), Ending(StreamState.COMPLETED)) for n in (0, 1)],
-            responses={stream_id(0): given, stream_id(1): short},
-        )
-    )
-    texts = {}
-    for n in (0, 1):
-        (run,) = await repo.read_runs(stream_id(n), 0, 100)
-        texts[n] = [c.text for c in run.chunks(0, 1)]
-    assert texts == {0: ["A", "BB", "CCC"], 1: tokens}
-
-
-async def test_an_ending_without_tokens_uses_the_response_that_ends_at_the_stored_head(
-    repo: SqlStreamRepository,
-) -> None:
-    """An ending whose tokens went in earlier commits (the writer ends a few streams per
-    commit): the given response is checked against the stored head instead of this batch."""
-    await repo.create_stream(new_stream(1))
-    tokens = ["a", "bb", "ccc"]
-    for n in (0, 1):
-        await repo.commit(WriteBatch(NOW, runs=[(stream_id(n), TokenRun.from_tokens(0, tokens))]))
-    given = TokenRun.from_tokens(0, ["A", "BB", "CCC"])
-    short = TokenRun.from_tokens(0, ["X", "YY"])
-    await repo.commit(
-        WriteBatch(
-            NOW,
+            runs=[(stream_id(n), last) for n in (0, 1) if last_token_in_the_ending_batch],
             endings=[(stream_id(n), Ending(StreamState.COMPLETED)) for n in (0, 1)],
             responses={stream_id(0): given, stream_id(1): short},
         )

@@ -162,6 +162,18 @@ async def test_unstorable_model_output_fails_only_that_stream(repo: FaultyReposi
     await engine.stop(grace=0)
 
 
+def refuse_tokens_of(repo: FaultyRepository, refused: str) -> None:
+    """From now on the store refuses every batch with tokens of `refused` (not an outage)."""
+    original = repo.commit
+
+    async def refuse(batch: WriteBatch) -> CommitResult:
+        if any(stream_id == refused for stream_id, _ in batch.runs):
+            raise ValueError("value too long for this column")
+        return await original(batch)
+
+    repo.commit = refuse  # type: ignore[method-assign]
+
+
 async def test_store_refusing_one_stream_does_not_stall_the_others(
     repo: FaultyRepository,
 ) -> None:
@@ -170,14 +182,7 @@ async def test_store_refusing_one_stream_does_not_stall_the_others(
     await engine.start()
     doomed = await engine.submit(SubmitCommand(prompt="doomed"))
     healthy = await engine.submit(SubmitCommand(prompt="healthy", model="scripted"))
-    original = repo.commit
-
-    async def refuse_doomed(batch: WriteBatch) -> CommitResult:
-        if any(sid == doomed.stream_id for sid, _ in batch.runs):
-            raise ValueError("value too long for this column")
-        return await original(batch)
-
-    repo.commit = refuse_doomed  # type: ignore[method-assign]
+    refuse_tokens_of(repo, doomed.stream_id)
     source.release(len(TOKENS) * 2)
     async with asyncio.timeout(10):
         chunks, end = await collect(await engine.subscribe(healthy.stream_id, 0))
@@ -199,14 +204,7 @@ async def test_a_refused_stream_fails_even_when_its_ending_was_put_off(
     await engine.start()
     healthy = await engine.submit(SubmitCommand(prompt="healthy"))
     doomed = await engine.submit(SubmitCommand(prompt="doomed"))
-    original = repo.commit
-
-    async def refuse_doomed(batch: WriteBatch) -> CommitResult:
-        if any(sid == doomed.stream_id for sid, _ in batch.runs):
-            raise ValueError("value too long for this column")
-        return await original(batch)
-
-    repo.commit = refuse_doomed  # type: ignore[method-assign]
+    refuse_tokens_of(repo, doomed.stream_id)
     source.release(len(TOKENS) * 2)  # both end within one flush interval
     async with asyncio.timeout(10):
         _, end = await collect(await engine.subscribe(healthy.stream_id, 0))

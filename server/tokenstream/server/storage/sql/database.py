@@ -68,14 +68,7 @@ def create_sqlite_thread_engine(url: URL, connections: int) -> Engine:
     """A synchronous engine on the same SQLite file as `url`, with the same settings, for
     transactions run whole on database threads (see transactions.py). A connection is
     used by one thread at a time, but not always the thread that opened it."""
-    engine = create_sync_engine(
-        url.set(drivername="sqlite+pysqlite"),
-        pool_size=connections,
-        max_overflow=0,
-        connect_args={"check_same_thread": False},
-    )
-    _use_sqlite_settings(engine)
-    return engine
+    return _sqlite_sync_engine(url, connections)
 
 
 def create_sqlite_loop_engine(url: URL) -> Engine:
@@ -83,15 +76,20 @@ def create_sqlite_loop_engine(url: URL) -> Engine:
     itself (see transactions.py). It never waits for the write lock (busy_timeout 0: the
     write goes to the writer thread instead) and never checkpoints the WAL at commit (a
     checkpoint writes and syncs the database file; the writer thread does that)."""
+    # Also while connecting (setting WAL mode): the driver would wait 5 s by default.
+    engine = _sqlite_sync_engine(url, 1, timeout=0)
+    event.listen(engine, "connect", _never_wait)
+    return engine
+
+
+def _sqlite_sync_engine(url: URL, connections: int, **connect_args: Any) -> Engine:
     engine = create_sync_engine(
         url.set(drivername="sqlite+pysqlite"),
-        pool_size=1,
+        pool_size=connections,
         max_overflow=0,
-        # Also while connecting (setting WAL mode): the driver would wait 5 s by default.
-        connect_args={"check_same_thread": False, "timeout": 0},
+        connect_args={"check_same_thread": False, **connect_args},
     )
     _use_sqlite_settings(engine)
-    event.listen(engine, "connect", _never_wait)
     return engine
 
 

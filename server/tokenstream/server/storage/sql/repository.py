@@ -124,7 +124,6 @@ _END_FORGETTING_REQUEST = _END.values(request_id=None)
 _DELETE_RUNS = delete(token_runs).where(token_runs.c.stream_id.in_(_IDS))
 _RECORDS = select(*_RECORD_COLUMNS).where(streams.c.stream_id.in_(_IDS))
 _RECORD = select(*_RECORD_COLUMNS).where(streams.c.stream_id == _ID)
-_HEAD = select(func.max(token_runs.c.end_seq)).where(token_runs.c.stream_id == _ID)
 _HEADS = (
     select(token_runs.c.stream_id, func.max(token_runs.c.end_seq))
     .where(token_runs.c.stream_id.in_(_IDS))
@@ -264,7 +263,9 @@ def _member(row: Any) -> Member:
 def _record(conn: Connection, row: Any) -> StreamRecord:
     state = StreamState(row.state)
     # A running stream's head is its newest stored run; an ended one's, its final seq.
-    head = row.final_seq if state.is_terminal else conn.scalar(_HEAD, {"stream_id": row.stream_id})
+    head = (
+        row.final_seq if state.is_terminal else _stored_heads(conn, [row.stream_id])[row.stream_id]
+    )
     return StreamRecord(
         stream_id=row.stream_id,
         conversation_id=row.conversation_id,

@@ -476,3 +476,60 @@ async def test_cancel_policy_decides_who_may_cancel(
             assert denied.reason == policy.refusal_reason
             assert policy.value in str(denied)
     assert allowed == {"viewer": False, **may_cancel}
+
+
+def refuse_store_reads(monkeypatch: pytest.MonkeyPatch, repo: MemoryStreamRepository) -> None:
+    async def refused(*_args: object) -> None:
+        raise AssertionError("the store was read")
+
+    for name in ("get_stream", "read_runs"):
+        monkeypatch.setattr(repo, name, refused)
+
+
+async def wait_until_not_generating(engine: StreamEngine, stream_id: str) -> None:
+    async with asyncio.timeout(5):
+        while stream_id in engine._generations.live:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+
+
+async def test_a_stream_that_just_ended_here_is_served_from_memory(
+    make_engine: EngineFactory, repo: MemoryStreamRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine()
+    await engine.start()
+    sub = await engine.submit(SubmitCommand(prompt="hi"))
+    await collect(await engine.subscribe(sub.stream_id, 0))
+    await wait_until_not_generating(engine, sub.stream_id)
+    refuse_store_reads(monkeypatch, repo)  # late subscribers arrive after it ended
+    chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
+    assert chunks == [Chunk(0, len(TOKENS) - 1, "".join(TOKENS))]
+    assert end == End(StreamState.COMPLETED, len(TOKENS) - 1)
+    chunks, end = await collect(await engine.subscribe(sub.stream_id, 30))
+    assert chunks == [Chunk(30, len(TOKENS) - 1, "".join(TOKENS[30:]))]
+    _, end = await collect(await engine.subscribe(sub.stream_id, len(TOKENS)))
+    assert end.final_seq == len(TOKENS) - 1
+    with pytest.raises(errors.OutOfRange):
+        await engine.subscribe(sub.stream_id, len(TOKENS) + 1)
+
+
+async def test_an_ended_stream_longer_than_its_live_tail_is_read_from_the_store(
+    make_engine: EngineFactory, repo: MemoryStreamRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(settings=replace(SETTINGS, live_tail_tokens=4))
+    await engine.start()
+    sub = await engine.submit(SubmitCommand(prompt="hi"))
+    await collect(await engine.subscribe(sub.stream_id, 0))
+    await wait_until_not_generating(engine, sub.stream_id)
+    reads = 0
+    read_runs = repo.read_runs
+
+    async def counted(stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
+        nonlocal reads
+        reads += 1
+        return await read_runs(stream_id, from_seq, max_chars)
+
+    monkeypatch.setattr(repo, "read_runs", counted)
+    chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
+    assert "".join(c.text for c in chunks) == "".join(TOKENS)
+    assert end.final_seq == len(TOKENS) - 1
+    assert reads >= 1

@@ -229,4 +229,6 @@ async def test_purge_removes_only_old_finished_streams(
     assert (gone.streams, gone.conversations) == (1, 1)
     with pytest.raises(errors.NotFound):
         await engine.get_stream(done.stream_id)
+    with pytest.raises(errors.NotFound):  # not even from the memory of its recent end
+        await collect(await engine.subscribe(done.stream_id, 0))
     assert (await engine.get_stream(running.stream_id)).state is StreamState.RUNNING

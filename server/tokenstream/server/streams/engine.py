@@ -64,6 +64,7 @@ from tokenstream.server.streams.generation import (
 )
 from tokenstream.server.streams.leases import INTERRUPTED, LeaseKeeper
 from tokenstream.server.streams.pagination import decode_page_token, encode_page_token
+from tokenstream.server.streams.recent import RecentlyEnded
 from tokenstream.server.streams.settings import EngineSettings
 from tokenstream.server.streams.subscription import Subscription
 from tokenstream.server.streams.watch import ConversationWatch
@@ -133,7 +134,10 @@ class StreamEngine:
             settings.max_batch_endings,
         )
         self._generations = Generations(
-            self._writer, settings.stall_timeout, settings.live_tail_tokens
+            self._writer,
+            settings.stall_timeout,
+            settings.live_tail_tokens,
+            RecentlyEnded(settings.recent_ended_tokens, settings.recent_ended_seconds),
         )
         # Wakes readers of streams and conversations changed here or (notified) elsewhere.
         self._changes = ChangeFeed()
@@ -428,8 +432,9 @@ class StreamEngine:
                 reason="NEGATIVE_FROM_SEQ",
                 field="from_seq",
             )
-        live = self._generations.live.get(stream_id)
-        # A stream generated here is known without a store read (many subscribe at once).
+        live = self._generations.following(stream_id)
+        # A stream generated here, now or a moment ago, is known without a store read
+        # (many subscribe at once).
         record = (
             (live.final or live.record)
             if live is not None
@@ -445,13 +450,15 @@ class StreamEngine:
                 field="from_seq",
                 metadata={"final_seq": str(record.head_seq)},
             )
-        return self._counted(stream_id, from_seq)
+        return self._counted(stream_id, from_seq, record if record.state.is_terminal else None)
 
     def subscriber_count(self, stream_id: str) -> int:
         """Open subscriptions of `stream_id` on this server."""
         return self._subscribers[stream_id]
 
-    async def _counted(self, stream_id: str, from_seq: int) -> AsyncGenerator[StreamEvent, None]:
+    async def _counted(
+        self, stream_id: str, from_seq: int, ended: StreamRecord | None
+    ) -> AsyncGenerator[StreamEvent, None]:
         limit = self.settings.max_subscribers_per_stream
         if self._subscribers[stream_id] >= limit:
             raise ResourceExhausted(
@@ -469,6 +476,7 @@ class StreamEngine:
                 self.settings,
                 stream_id,
                 from_seq,
+                ended,
             )
             async for event in subscription.events():
                 yield event
@@ -653,6 +661,8 @@ class StreamEngine:
     async def purge(self, older_than: timedelta) -> PurgeResult:
         """Deletes streams that ended more than `older_than` ago (and emptied conversations)."""
         result = await guarded(self._repository.purge_finished(_now() - older_than))
+        if result.streams:
+            self._generations.recent.clear()  # none of them may be served from memory
         if result.streams or result.conversations:
             log.info(
                 "purged %d stream(s) and %d conversation(s) older than %s",

@@ -10,6 +10,7 @@ from collections import Counter
 from tokenstream.server.domain import Ending, EndReason, StreamRecord, StreamState
 from tokenstream.server.models import GenerationRequest, TokenSource
 from tokenstream.server.streams.live import LiveStream
+from tokenstream.server.streams.recent import RecentlyEnded
 from tokenstream.server.streams.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,30 @@ SHUTDOWN = Ending(
 class Generations:
     """The live streams of this process and the tasks that feed them."""
 
-    def __init__(self, writer: BatchWriter, stall_timeout: float, tail_limit: int) -> None:
+    def __init__(
+        self,
+        writer: BatchWriter,
+        stall_timeout: float,
+        tail_limit: int,
+        recent: RecentlyEnded,
+    ) -> None:
         self._writer = writer
         self._stall_timeout = stall_timeout
         self._tail_limit = tail_limit
         self.live: dict[str, LiveStream] = {}
+        # Those that ended here a moment ago, whole (see `RecentlyEnded`).
+        self.recent = recent
         # Not yet ended: a stream leaves as its ending commits (before its task is done).
         self._running: set[LiveStream] = set()
         self._by_caller: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
+
+    def following(self, stream_id: str) -> LiveStream | None:
+        """The stream in this process's memory for a subscriber: generating here, or
+        ended here a moment ago."""
+        live = self.live.get(stream_id)
+        return live if live is not None else self.recent.get(stream_id)
 
     def count(self, caller: str | None = None) -> int:
         """Generations running here, in all or of one caller (kept as counts: every
@@ -141,6 +156,8 @@ class Generations:
             self._by_caller[live.caller] -= 1
             if not self._by_caller[live.caller]:
                 del self._by_caller[live.caller]
+            # Kept from the moment its end is published (a purge after that forgets it).
+            self.recent.keep(live)
 
     async def _produce(
         self, live: LiveStream, source: TokenSource, request: GenerationRequest

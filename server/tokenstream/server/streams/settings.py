@@ -42,6 +42,11 @@ class EngineSettings:
     # Durable tokens kept in memory per running stream for live subscribers (between this
     # and twice this many); a subscriber further behind reads from the store.
     live_tail_tokens: int = 8192
+    # A stream that ended here, with every token still in memory (its live tail), stays
+    # there this long (seconds) for subscribers that arrive just after its end, up to this
+    # many tokens for all of them (~60 bytes each; 0 s: none is kept).
+    recent_ended_seconds: float = 10.0
+    recent_ended_tokens: int = 250_000
     # Capacity limits (RESOURCE_EXHAUSTED when reached): concurrent generations on this
     # server and per caller, and subscribers of one stream on this server.
     max_generations: int = 1000

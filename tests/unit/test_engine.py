@@ -11,7 +11,15 @@ import pytest
 
 from tests.sources import ScriptedSource
 from tokenstream.server import errors
-from tokenstream.server.domain import CancelPolicy, Chunk, EndReason, Role, StreamState, TokenRun
+from tokenstream.server.domain import (
+    CancelPolicy,
+    Chunk,
+    EndReason,
+    Role,
+    StreamRecord,
+    StreamState,
+    TokenRun,
+)
 from tokenstream.server.models import ModelRegistry, SyntheticSource, TokenSource
 from tokenstream.server.storage.memory import MemoryStreamRepository
 from tokenstream.server.storage.repository import NewStream, WriteBatch
@@ -512,6 +520,18 @@ async def test_a_stream_that_just_ended_here_is_served_from_memory(
         await engine.subscribe(sub.stream_id, len(TOKENS) + 1)
 
 
+def count_record_reads(monkeypatch: pytest.MonkeyPatch, repo: MemoryStreamRepository) -> list[str]:
+    reads: list[str] = []
+    get_stream = repo.get_stream
+
+    async def counted(stream_id: str) -> StreamRecord:
+        reads.append(stream_id)
+        return await get_stream(stream_id)
+
+    monkeypatch.setattr(repo, "get_stream", counted)
+    return reads
+
+
 async def test_an_ended_stream_longer_than_its_live_tail_is_read_from_the_store(
     make_engine: EngineFactory, repo: MemoryStreamRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -520,16 +540,23 @@ async def test_an_ended_stream_longer_than_its_live_tail_is_read_from_the_store(
     sub = await engine.submit(SubmitCommand(prompt="hi"))
     await collect(await engine.subscribe(sub.stream_id, 0))
     await wait_until_not_generating(engine, sub.stream_id)
-    reads = 0
-    read_runs = repo.read_runs
-
-    async def counted(stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:
-        nonlocal reads
-        reads += 1
-        return await read_runs(stream_id, from_seq, max_chars)
-
-    monkeypatch.setattr(repo, "read_runs", counted)
+    reads = count_record_reads(monkeypatch, repo)
     chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
     assert "".join(c.text for c in chunks) == "".join(TOKENS)
     assert end.final_seq == len(TOKENS) - 1
-    assert reads >= 1
+    assert reads == [sub.stream_id]  # not kept in memory: its record came from the store
+
+
+async def test_the_record_of_an_ended_stream_is_read_once_per_subscription(
+    make_engine: EngineFactory, repo: MemoryStreamRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(settings=replace(SETTINGS, recent_ended_seconds=0))
+    await engine.start()
+    sub = await engine.submit(SubmitCommand(prompt="hi"))
+    await collect(await engine.subscribe(sub.stream_id, 0))
+    await wait_until_not_generating(engine, sub.stream_id)
+    reads = count_record_reads(monkeypatch, repo)
+    chunks, end = await collect(await engine.subscribe(sub.stream_id, 5))
+    assert "".join(c.text for c in chunks) == "".join(TOKENS[5:])
+    assert end == End(StreamState.COMPLETED, len(TOKENS) - 1)
+    assert reads == [sub.stream_id]

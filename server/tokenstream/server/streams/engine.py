@@ -133,11 +133,9 @@ class StreamEngine:
             settings.max_batch_tokens,
             settings.max_batch_endings,
         )
+        self._recent = RecentlyEnded(settings.recent_ended_bytes, settings.recent_ended_seconds)
         self._generations = Generations(
-            self._writer,
-            settings.stall_timeout,
-            settings.live_tail_tokens,
-            RecentlyEnded(settings.recent_ended_tokens, settings.recent_ended_seconds),
+            self._writer, settings.stall_timeout, settings.live_tail_tokens, self._recent
         )
         # Wakes readers of streams and conversations changed here or (notified) elsewhere.
         self._changes = ChangeFeed()
@@ -204,6 +202,7 @@ class StreamEngine:
         await self._generations.stop_all(SHUTDOWN)
         await self._writer.stop(grace)
         await self._leases.stop()
+        self._recent.clear()
 
     # -- submit --------------------------------------------------------------------------
 
@@ -432,7 +431,7 @@ class StreamEngine:
                 reason="NEGATIVE_FROM_SEQ",
                 field="from_seq",
             )
-        live = self._generations.following(stream_id)
+        live = self._generations.in_memory(stream_id)
         # A stream generated here, now or a moment ago, is known without a store read
         # (many subscribe at once).
         record = (
@@ -450,14 +449,15 @@ class StreamEngine:
                 field="from_seq",
                 metadata={"final_seq": str(record.head_seq)},
             )
-        return self._counted(stream_id, from_seq, record if record.state.is_terminal else None)
+        final = record if record.state.is_terminal else None
+        return self._counted(stream_id, from_seq, final)
 
     def subscriber_count(self, stream_id: str) -> int:
         """Open subscriptions of `stream_id` on this server."""
         return self._subscribers[stream_id]
 
     async def _counted(
-        self, stream_id: str, from_seq: int, ended: StreamRecord | None
+        self, stream_id: str, from_seq: int, final: StreamRecord | None
     ) -> AsyncGenerator[StreamEvent, None]:
         limit = self.settings.max_subscribers_per_stream
         if self._subscribers[stream_id] >= limit:
@@ -476,7 +476,7 @@ class StreamEngine:
                 self.settings,
                 stream_id,
                 from_seq,
-                ended,
+                final,
             )
             async for event in subscription.events():
                 yield event
@@ -662,7 +662,7 @@ class StreamEngine:
         """Deletes streams that ended more than `older_than` ago (and emptied conversations)."""
         result = await guarded(self._repository.purge_finished(_now() - older_than))
         if result.streams:
-            self._generations.recent.clear()  # none of them may be served from memory
+            self._recent.clear()  # none of them may be served from memory
         if result.streams or result.conversations:
             log.info(
                 "purged %d stream(s) and %d conversation(s) older than %s",

@@ -31,7 +31,8 @@ SHUTDOWN = Ending(
 
 
 class Generations:
-    """The live streams of this process and the tasks that feed them."""
+    """The live streams of this process and the tasks that feed them; hands those that
+    end on to `recent`."""
 
     def __init__(
         self,
@@ -45,18 +46,18 @@ class Generations:
         self._tail_limit = tail_limit
         self.live: dict[str, LiveStream] = {}
         # Those that ended here a moment ago, whole (see `RecentlyEnded`).
-        self.recent = recent
+        self._recent = recent
         # Not yet ended: a stream leaves as its ending commits (before its task is done).
         self._running: set[LiveStream] = set()
         self._by_caller: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
 
-    def following(self, stream_id: str) -> LiveStream | None:
+    def in_memory(self, stream_id: str) -> LiveStream | None:
         """The stream in this process's memory for a subscriber: generating here, or
         ended here a moment ago."""
         live = self.live.get(stream_id)
-        return live if live is not None else self.recent.get(stream_id)
+        return live if live is not None else self._recent.get(stream_id)
 
     def count(self, caller: str | None = None) -> int:
         """Generations running here, in all or of one caller (kept as counts: every
@@ -157,7 +158,7 @@ class Generations:
             if not self._by_caller[live.caller]:
                 del self._by_caller[live.caller]
             # Kept from the moment its end is published (a purge after that forgets it).
-            self.recent.keep(live)
+            self._recent.keep(live)
 
     async def _produce(
         self, live: LiveStream, source: TokenSource, request: GenerationRequest

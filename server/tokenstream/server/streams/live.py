@@ -24,6 +24,7 @@ class LiveStream:
         "base_seq",
         "caller",
         "final",
+        "final_stored",
         "last_progress",
         "on_end",
         "producing",
@@ -44,6 +45,8 @@ class LiveStream:
         self.tokens: list[str] = []  # durable tokens base_seq, base_seq + 1, ...
         self.base_seq = 0
         self.final: StreamRecord | None = None  # set once the ending is committed
+        # False if `final` was made up in memory (shutdown with the store unreachable).
+        self.final_stored = False
         # Why generation must stop early (cancel, shutdown, stall); checked before every write.
         self.stop_requested: Ending | None = None
         # True while the generation task reads its token source (and may be interrupted).
@@ -104,8 +107,9 @@ class LiveStream:
             self.base_seq += drop
         self._wake()
 
-    def publish_end(self, final: StreamRecord) -> None:
+    def publish_end(self, final: StreamRecord, stored: bool = True) -> None:
         self.final = final
+        self.final_stored = stored
         self._ended.set()
         self._wake()
         self.on_end(self)

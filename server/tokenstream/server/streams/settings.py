@@ -43,10 +43,11 @@ class EngineSettings:
     # and twice this many); a subscriber further behind reads from the store.
     live_tail_tokens: int = 8192
     # A stream that ended here, with every token still in memory (its live tail), stays
-    # there this long (seconds) for subscribers that arrive just after its end, up to this
-    # many tokens for all of them (~60 bytes each; 0 s: none is kept).
+    # there this long (seconds) for subscribers that arrive just after its end, within
+    # about this much memory for all of them (0 of either: none is kept). A purge by
+    # another process is not seen here: such a stream may be served for that long still.
     recent_ended_seconds: float = 10.0
-    recent_ended_tokens: int = 250_000
+    recent_ended_bytes: int = 32 * 1024 * 1024
     # Capacity limits (RESOURCE_EXHAUSTED when reached): concurrent generations on this
     # server and per caller, and subscribers of one stream on this server.
     max_generations: int = 1000

@@ -318,11 +318,11 @@ class BatchWriter:
             live.publish(tokens)
 
     @staticmethod
-    def _finish(live: LiveStream, record: StreamRecord) -> None:
+    def _finish(live: LiveStream, record: StreamRecord, stored: bool = True) -> None:
         if live.final is None:
             # Its generator must stop writing too, even while it waits on its model.
             live.request_stop(Ending(record.state, record.reason, record.error))
-            live.publish_end(record)
+            live.publish_end(record, stored)
 
     async def _reconcile(self, batch: Batch) -> Batch:
         """Keeps only what the failed commit did not store (it may have landed after all)."""
@@ -396,6 +396,7 @@ class BatchWriter:
                     error=ending.error,
                     head_seq=live.head_seq,
                 ),
+                stored=False,  # the store never saw this ending
             )
         self._room.set()
 

@@ -192,11 +192,13 @@ async def test_sqlite_sends_no_notices(tmp_path: object) -> None:
         await repository.close()
 
 
-def test_large_changes_are_split_into_payloads_postgresql_accepts() -> None:
+# Ids are plain ASCII; text JSON must escape is sized by encoding it, and stays in bounds.
+@pytest.mark.parametrize("mark", ["_", 'é"\\\n'])
+def test_large_changes_are_split_into_payloads_postgresql_accepts(mark: str) -> None:
     changes = ChangeCollector(
-        tokens={f"strm_{i:031d}": i for i in range(700)},
-        ended={f"strm_{i:031d}" for i in range(500, 900)},
-        conversations={f"conv_{i:026d}" for i in range(300)},
+        tokens={f"strm{mark}{i:031d}": i for i in range(700)},
+        ended={f"strm{mark}{i:031d}" for i in range(500, 900)},
+        conversations={f"conv{mark}{i:026d}" for i in range(300)},
     )
     payloads = encode("origin", changes)
     assert len(payloads) > 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 from sqlalchemy import exc as sa_exc
@@ -9,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.pool import QueuePool
 
 from tests.postgres import asyncpg_dsn
+from tokenstream.server.storage.errors import StorageUnavailable
 from tokenstream.server.storage.sql import (
     DatabaseSettings,
     SqlStreamRepository,
@@ -41,22 +44,46 @@ async def test_no_statement_timeout_when_set_to_zero(postgres_url: str) -> None:
         await db.dispose()
 
 
-async def test_connections_the_database_dropped_are_replaced(postgres_url: str) -> None:
-    db = create_engine(postgres_url)
+async def drop_connections(postgres_url: str) -> int:
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_url))
+    try:
+        return int(
+            await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    finally:
+        await admin.close()
+
+
+async def test_idle_connections_the_database_dropped_are_replaced(postgres_url: str) -> None:
+    db = create_engine(postgres_url, DatabaseSettings(ping_after_idle=0.2))
     await upgrade_to_head(db)
     repository = SqlStreamRepository(db)
     try:
         assert not await repository.conversation_exists("conv_" + "a" * 26)  # pool warmed
-        admin = await asyncpg.connect(asyncpg_dsn(postgres_url))
-        try:
-            dropped = await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        finally:
-            await admin.close()
-        assert dropped >= 1
-        # The next call draws a dead connection, which is noticed and replaced: no error.
+        assert await drop_connections(postgres_url) >= 1
+        await asyncio.sleep(0.3)
+        # The next call draws a dead connection idle for a while: pinged, replaced, no error.
+        assert not await repository.conversation_exists("conv_" + "a" * 26)
+    finally:
+        await repository.close()
+
+
+async def test_busy_connections_are_not_pinged_and_recover_after_one_failure(
+    postgres_url: str,
+) -> None:
+    db = create_engine(postgres_url, DatabaseSettings(ping_after_idle=60))
+    await upgrade_to_head(db)
+    repository = SqlStreamRepository(db)
+    try:
+        assert not await repository.conversation_exists("conv_" + "a" * 26)
+        assert await drop_connections(postgres_url) >= 1
+        # Not pinged (used a moment ago): the call fails as an outage, and SQLAlchemy
+        # replaces the pool's connections, so the next call works.
+        with pytest.raises(StorageUnavailable):
+            await repository.conversation_exists("conv_" + "a" * 26)
         assert not await repository.conversation_exists("conv_" + "a" * 26)
     finally:
         await repository.close()

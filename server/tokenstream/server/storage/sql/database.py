@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import time
 from dataclasses import dataclass
 from typing import IO, Any
 
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 # Execution option marking a connection whose transaction will write (see `_sqlite_begin`).
@@ -40,6 +42,8 @@ class DatabaseSettings:
     # Seconds after which the database aborts a statement (0: no limit). The driver gives
     # up on an unanswered statement 5 s later (a database host that vanished).
     statement_timeout: float = 30.0
+    # A connection unused for this many seconds is pinged before use (see `_ping_when_idle`).
+    ping_after_idle: float = 1.0
 
 
 def create_engine(url: str, settings: DatabaseSettings | None = None) -> AsyncEngine:
@@ -49,19 +53,41 @@ def create_engine(url: str, settings: DatabaseSettings | None = None) -> AsyncEn
         return engine
     settings = settings or DatabaseSettings()
     timeout = settings.statement_timeout
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,
-        # A connection the database dropped (a restart, a failover) is noticed when it is
-        # taken from the pool and replaced, instead of failing the call that drew it.
-        pool_pre_ping=True,
         connect_args={
             "server_settings": {"statement_timeout": str(int(timeout * 1000))},
             "command_timeout": timeout + 5 if timeout else None,
         },
     )
+    _ping_when_idle(engine.sync_engine, settings.ping_after_idle)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle: float) -> None:
+    """Pings a connection taken from the pool after `idle` seconds or more there: one the
+    database dropped meanwhile (a restart, a failover) is replaced instead of failing the
+    call that drew it. A busy connection is not pinged (SQLAlchemy's pool_pre_ping would:
+    three round trips, more than a group commit's own statements). If the database goes
+    away while connections are busy, the first call on one fails, and SQLAlchemy then
+    replaces every connection of the pool."""
+
+    @event.listens_for(engine, "checkin")
+    def checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")  # none: a new connection
+        if since is None or time.monotonic() - since < idle:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError("the database dropped this connection") from exc
 
 
 def create_sqlite_thread_engine(url: URL, connections: int) -> Engine:

@@ -54,7 +54,7 @@ def encode(origin: str, changes: ChangeCollector) -> list[str]:
     current: dict[str, Any] = {}
     size = 0
     for key, item in items:
-        cost = len(json.dumps(item)) + 2
+        cost = 2 + (_json_size(item[0]) + _json_size(item[1]) if key == "t" else _json_size(item))
         if current and size + cost > _MAX_PAYLOAD:
             payloads.append(json.dumps(current, separators=(",", ":")))
             current, size = {}, 0
@@ -67,6 +67,15 @@ def encode(origin: str, changes: ChangeCollector) -> list[str]:
     if current:
         payloads.append(json.dumps(current, separators=(",", ":")))
     return payloads
+
+
+def _json_size(value: str | int) -> int:
+    """Characters `value` takes in JSON (ids are plain ASCII: counted, not encoded)."""
+    if isinstance(value, int):
+        return len(str(value))
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return len(value) + 2
+    return len(json.dumps(value))
 
 
 def decode(payload: str) -> tuple[str, StoreChange]:

@@ -13,7 +13,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -228,6 +228,45 @@ async def test_active_streams_are_absent_from_the_commit_result(
         WriteBatch(NOW, runs=[(stream_id(0), TokenRun.from_tokens(0, ["a"]))])
     )
     assert result.terminal == {}
+
+
+async def test_a_commit_of_tokens_only_skips_ended_streams(
+    repo: SqlStreamRepository, engine: AsyncEngine
+) -> None:
+    await repo.create_stream(new_stream(1))
+    await repo.commit(WriteBatch(NOW, endings=[(stream_id(1), Ending(StreamState.CANCELLED))]))
+    statements: list[str] = []
+
+    def count(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    try:
+        result = await repo.commit(
+            WriteBatch(
+                NOW,
+                runs=[
+                    (stream_id(0), TokenRun.from_tokens(0, ["a", "b"])),
+                    (stream_id(1), TokenRun.from_tokens(0, ["late"])),
+                ],
+            )
+        )
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", count)
+    assert list(result.terminal) == [stream_id(1)]
+    assert (result.terminal[stream_id(1)].state, result.terminal[stream_id(1)].head_seq) == (
+        StreamState.CANCELLED,
+        -1,
+    )
+    assert [run.text for run in await repo.read_runs(stream_id(0), 0, 100)] == ["ab"]
+    assert [run.text for run in await repo.read_runs(stream_id(1), 0, 100)] == [""]
+    if engine.dialect.name == "postgresql":
+        # One statement locks, writes and notifies; then a read fetches the ended record.
+        write, read = statements
+        assert "FOR UPDATE" in write
+        assert "INSERT INTO token_runs" in write
+        assert "pg_notify" in write
+        assert read.lstrip().startswith("SELECT")
 
 
 async def test_creations_in_one_commit_succeed_or_fail_each_on_its_own(

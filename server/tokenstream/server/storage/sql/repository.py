@@ -52,6 +52,7 @@ from tokenstream.server.storage.repository import (
     member_added_event,
     member_removed_event,
 )
+from tokenstream.server.storage.sql import postgres_tokens
 from tokenstream.server.storage.sql.notify import (
     CHANNEL,
     ChangeCollector,
@@ -751,6 +752,7 @@ class SqlStreamRepository:
         body: Callable[[Connection], T],
         changes: ChangeCollector | None = None,
         brief: bool = False,
+        one_statement: bool = False,
     ) -> T:
         """Runs `body` in a write transaction, holding the write lock from its start on
         SQLite. `brief`: it writes a few rows (see `Transactions.write`).
@@ -768,7 +770,9 @@ class SqlStreamRepository:
 
         self._check_open()
         async with _unavailable_on_outage():
-            return await self._transactions.write(then_notify if self._notifies else body, brief)
+            return await self._transactions.write(
+                then_notify if self._notifies else body, brief, one_statement
+            )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -808,10 +812,29 @@ class SqlStreamRepository:
 
     @_finish_even_if_cancelled
     async def commit(self, batch: WriteBatch) -> CommitResult:
+        if self._notifies and postgres_tokens.fits(batch):
+            return await self._commit_tokens(batch)
         changes = ChangeCollector()
         return await self._write(
             lambda conn: _commit(conn, batch, changes), changes, brief=_is_brief(batch)
         )
+
+    async def _commit_tokens(self, batch: WriteBatch) -> CommitResult:
+        """Tokens only, on PostgreSQL: one statement (see postgres_tokens.py)."""
+        written = await self._write(
+            lambda conn: postgres_tokens.write_tokens(conn, batch, self._origin),
+            one_statement=True,
+        )
+        result = CommitResult()
+        if ended := [stream_id for stream_id, _ in batch.runs if stream_id not in written]:
+            # Ended meanwhile (e.g. cancelled through the store): they took nothing.
+            result.terminal = await self._read(
+                lambda conn: {
+                    row.stream_id: _record(conn, row)
+                    for row in conn.execute(_RECORDS, {"ids": ended})
+                }
+            )
+        return result
 
     @_finish_even_if_cancelled
     async def read_runs(self, stream_id: str, from_seq: int, max_chars: int) -> list[TokenRun]:

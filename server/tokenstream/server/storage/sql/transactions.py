@@ -53,10 +53,14 @@ class Transactions(Protocol):
         """Runs `body` in a read transaction: all its statements see one snapshot."""
         ...
 
-    async def write(self, body: Callable[[Connection], T], brief: bool = False) -> T:
+    async def write(
+        self, body: Callable[[Connection], T], brief: bool = False, one_statement: bool = False
+    ) -> T:
         """Runs `body` in a write transaction, committed if it returns, rolled back if
         it raises (SQLite: holding the write lock from the start). `brief`: it writes a
-        few rows (an SQLite file may then run it on the event loop)."""
+        few rows (an SQLite file may then run it on the event loop). `one_statement`: it
+        runs a single statement, atomic by itself, so PostgreSQL runs it in autocommit
+        (no BEGIN and COMMIT round trips)."""
         ...
 
     async def close(self) -> None:
@@ -87,8 +91,12 @@ class OnEventLoop:
     async def read(self, body: Callable[[Connection], T]) -> T:
         return await self._run(body, self._read_options)
 
-    async def write(self, body: Callable[[Connection], T], brief: bool = False) -> T:
-        return await self._run(body, {WRITE_OPTION: True})
+    async def write(
+        self, body: Callable[[Connection], T], brief: bool = False, one_statement: bool = False
+    ) -> T:
+        return await self._run(
+            body, {"isolation_level": "AUTOCOMMIT"} if one_statement else {WRITE_OPTION: True}
+        )
 
     async def _run(self, body: Callable[[Connection], T], options: dict[str, Any]) -> T:
         async with self._engine.connect() as conn:
@@ -129,7 +137,9 @@ class OnSqliteFile:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._run, body, False)
 
-    async def write(self, body: Callable[[Connection], T], brief: bool = False) -> T:
+    async def write(
+        self, body: Callable[[Connection], T], brief: bool = False, one_statement: bool = False
+    ) -> T:
         loop = asyncio.get_running_loop()
         if brief and not self._on_writer_thread and loop.time() >= self._loop_free_until:
             began = loop.time()

@@ -22,7 +22,7 @@ from tokenstream.server.storage.errors import AlreadyExists, NotFound, StorageUn
 from tokenstream.server.storage.repository import NewStream, PurgeResult, WriteBatch
 from tokenstream.server.storage.sql import SqlStreamRepository, create_engine, upgrade_to_head
 from tokenstream.server.storage.sql import repository as sql_repository
-from tokenstream.server.storage.sql.migrate import alembic_config
+from tokenstream.server.storage.sql.migrate import run_alembic
 from tokenstream.server.storage.sql.schema import metadata, streams, token_runs
 
 CONV = "conv_" + "c" * 26
@@ -420,14 +420,9 @@ async def test_purge_deletes_old_finished_streams_and_empty_conversations(
 async def test_upgrade_from_the_first_revision_keeps_data(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
 
-    def to_first(connection: Connection) -> None:
-        config = alembic_config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
-
     db = create_engine(url)
     async with db.begin() as conn:
-        await conn.run_sync(to_first)
+        await conn.run_sync(run_alembic, command.upgrade, "0001")
         await conn.exec_driver_sql(
             "INSERT INTO conversations (conversation_id, created_at) VALUES (?, ?)",
             (CONV, "2026-01-01 00:00:00"),
@@ -516,13 +511,8 @@ async def test_migrations_go_down_a_revision_and_up_again_keeping_runs(
     run = TokenRun.from_tokens(0, ["x", "y"])
     await repo.commit(WriteBatch(NOW, runs=[(stream_id(0), run)]))
 
-    def down_to_0004(connection: Connection) -> None:
-        config = alembic_config()
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0004")
-
     async with engine.begin() as conn:
-        await conn.run_sync(down_to_0004)
+        await conn.run_sync(run_alembic, command.downgrade, "0004")
     await upgrade_to_head(engine)
     (stored,) = await repo.read_runs(stream_id(0), 0, 100)
     assert (stored.start_seq, stored.text) == (0, "xy")

@@ -494,30 +494,33 @@ def refuse_store_reads(monkeypatch: pytest.MonkeyPatch, repo: MemoryStreamReposi
         monkeypatch.setattr(repo, name, refused)
 
 
-async def wait_until_not_generating(engine: StreamEngine, stream_id: str) -> None:
+async def ended_here(engine: StreamEngine) -> str:
+    """Starts `engine`, runs a stream to its end and waits until its generation is done;
+    returns its id."""
+    await engine.start()
+    sub = await engine.submit(SubmitCommand(prompt="hi"))
+    await collect(await engine.subscribe(sub.stream_id, 0))
     async with asyncio.timeout(5):
-        while stream_id in engine._generations.live:  # noqa: ASYNC110
+        while sub.stream_id in engine._generations.live:  # noqa: ASYNC110
             await asyncio.sleep(0.001)
+    return sub.stream_id
 
 
 async def test_a_stream_that_just_ended_here_is_served_from_memory(
     make_engine: EngineFactory, repo: MemoryStreamRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine()
-    await engine.start()
-    sub = await engine.submit(SubmitCommand(prompt="hi"))
-    await collect(await engine.subscribe(sub.stream_id, 0))
-    await wait_until_not_generating(engine, sub.stream_id)
+    stream_id = await ended_here(engine)
     refuse_store_reads(monkeypatch, repo)  # late subscribers arrive after it ended
-    chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
+    chunks, end = await collect(await engine.subscribe(stream_id, 0))
     assert chunks == [Chunk(0, len(TOKENS) - 1, "".join(TOKENS))]
     assert end == End(StreamState.COMPLETED, len(TOKENS) - 1)
-    chunks, end = await collect(await engine.subscribe(sub.stream_id, 30))
+    chunks, end = await collect(await engine.subscribe(stream_id, 30))
     assert chunks == [Chunk(30, len(TOKENS) - 1, "".join(TOKENS[30:]))]
-    _, end = await collect(await engine.subscribe(sub.stream_id, len(TOKENS)))
+    _, end = await collect(await engine.subscribe(stream_id, len(TOKENS)))
     assert end.final_seq == len(TOKENS) - 1
     with pytest.raises(errors.OutOfRange):
-        await engine.subscribe(sub.stream_id, len(TOKENS) + 1)
+        await engine.subscribe(stream_id, len(TOKENS) + 1)
 
 
 def count_record_reads(monkeypatch: pytest.MonkeyPatch, repo: MemoryStreamRepository) -> list[str]:
@@ -536,27 +539,21 @@ async def test_an_ended_stream_longer_than_its_live_tail_is_read_from_the_store(
     make_engine: EngineFactory, repo: MemoryStreamRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine(settings=replace(SETTINGS, live_tail_tokens=4))
-    await engine.start()
-    sub = await engine.submit(SubmitCommand(prompt="hi"))
-    await collect(await engine.subscribe(sub.stream_id, 0))
-    await wait_until_not_generating(engine, sub.stream_id)
+    stream_id = await ended_here(engine)
     reads = count_record_reads(monkeypatch, repo)
-    chunks, end = await collect(await engine.subscribe(sub.stream_id, 0))
+    chunks, end = await collect(await engine.subscribe(stream_id, 0))
     assert "".join(c.text for c in chunks) == "".join(TOKENS)
     assert end.final_seq == len(TOKENS) - 1
-    assert reads == [sub.stream_id]  # not kept in memory: its record came from the store
+    assert reads == [stream_id]  # not kept in memory: its record came from the store
 
 
 async def test_the_record_of_an_ended_stream_is_read_once_per_subscription(
     make_engine: EngineFactory, repo: MemoryStreamRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine(settings=replace(SETTINGS, recent_ended_seconds=0))
-    await engine.start()
-    sub = await engine.submit(SubmitCommand(prompt="hi"))
-    await collect(await engine.subscribe(sub.stream_id, 0))
-    await wait_until_not_generating(engine, sub.stream_id)
+    stream_id = await ended_here(engine)
     reads = count_record_reads(monkeypatch, repo)
-    chunks, end = await collect(await engine.subscribe(sub.stream_id, 5))
+    chunks, end = await collect(await engine.subscribe(stream_id, 5))
     assert "".join(c.text for c in chunks) == "".join(TOKENS[5:])
     assert end == End(StreamState.COMPLETED, len(TOKENS) - 1)
-    assert reads == [sub.stream_id]
+    assert reads == [stream_id]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection
@@ -18,11 +20,14 @@ def alembic_config(url: str = "") -> Config:
     return config
 
 
-async def upgrade_to_head(engine: AsyncEngine) -> None:
-    def upgrade(connection: Connection) -> None:
-        config = alembic_config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+def run_alembic(connection: Connection, step: Callable[[Config, str], None], revision: str) -> None:
+    """Runs an Alembic command (`command.upgrade`, `command.downgrade`) to `revision` on
+    `connection`, inside its transaction."""
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    step(config, revision)
 
+
+async def upgrade_to_head(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
-        await conn.run_sync(upgrade)
+        await conn.run_sync(run_alembic, command.upgrade, "head")

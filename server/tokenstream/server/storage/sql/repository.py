@@ -460,6 +460,11 @@ def _end_streams(
     _append_events(conn, events, changes)
 
 
+def _records(conn: Connection, ids: list[str]) -> dict[str, StreamRecord]:
+    """The records of the streams of `ids` that exist."""
+    return {row.stream_id: _record(conn, row) for row in conn.execute(_RECORDS, {"ids": ids})}
+
+
 def _stored_heads(conn: Connection, ids: list[str]) -> dict[str, int]:
     """The newest stored seq of each stream (-1: none yet)."""
     heads = {stream_id: -1 for stream_id in ids}
@@ -524,8 +529,7 @@ def _commit(conn: Connection, batch: WriteBatch, changes: ChangeCollector) -> Co
     _end_streams(conn, ending_now, conversation_of, batch.at, changes, known)
     active.difference_update(s for s, _ in ending_now)
     if ended := touched - active:  # just now, or earlier (then it took nothing)
-        for row in conn.execute(_RECORDS, {"ids": list(ended)}):
-            result.terminal[row.stream_id] = _record(conn, row)
+        result.terminal = _records(conn, list(ended))
     # Last: locks are taken streams first, then conversations, in every transaction.
     if batch.creations:
         result.created = _create_many(conn, batch.creations, changes)
@@ -828,12 +832,7 @@ class SqlStreamRepository:
         result = CommitResult()
         if ended := [stream_id for stream_id, _ in batch.runs if stream_id not in written]:
             # Ended meanwhile (e.g. cancelled through the store): they took nothing.
-            result.terminal = await self._read(
-                lambda conn: {
-                    row.stream_id: _record(conn, row)
-                    for row in conn.execute(_RECORDS, {"ids": ended})
-                }
-            )
+            result.terminal = await self._read(lambda conn: _records(conn, ended))
         return result
 
     @_finish_even_if_cancelled
